@@ -1,0 +1,37 @@
+"""The Typer application behind the `marble` console script."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="marble",
+    help="Multi-reward RL fine-tuning of text-to-image diffusion models (MARBLE on DiffusionNFT).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """marble-kit: multi-reward RL fine-tuning of text-to-image diffusion models."""
+
+
+# One module per command (or command group); each exposes `register(app)`.
+COMMAND_MODULES = (
+    "marble_cli.plugins_cmd",
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared CLI plumbing: one-line errors with exit code 2, the rich console."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from marble_kit.errors import MarbleError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a MarbleError into ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MarbleError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout (no rich markup), for scripts."""
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def split_names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]

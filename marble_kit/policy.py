@@ -1,0 +1,88 @@
+"""The policy contract: a trainable rectified-flow text-to-image model.
+
+Convention (SD3): ``x_t = (1 - t) * x0 + t * noise`` with ``t`` in ``[0, 1]``; the model predicts
+the velocity ``v = noise - x0``. A policy holds three views of one network:
+
+* ``velocity``      — the trainable policy v_θ (adapter active, gradients flow);
+* ``old_velocity``  — the sampling policy v_old, an EMA of the trainable weights (no grad);
+* ``ref_velocity``  — the frozen reference v_ref (adapters disabled, no grad).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Rollout:
+    """Samples of the old policy for a batch of prompts (one row per image)."""
+
+    prompts: list[str]
+    x0: torch.Tensor          # [B, C, h, w] clean latents (what the loss regresses to)
+    images: torch.Tensor      # [B, 3, H, W] decoded images, float in [0, 1], on the CPU
+    cond: Any                 # policy-specific conditioning, indexable with `select_cond`
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+    device: torch.device
+
+    def sample(self, prompts: Sequence[str], generator: torch.Generator,
+               steps: int | None = None) -> Rollout:
+        """Sample one image per prompt with the old policy (prompts already repeated G times)."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Conditioning for ``prompts`` (no grad)."""
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """v_θ(x_t, t, c) with gradients to the trainable parameters."""
+
+    def old_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """v_old(x_t, t, c), no grad."""
+
+    def ref_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """v_ref(x_t, t, c): the frozen base model, no grad."""
+
+    def update_old(self, decay: float) -> None:
+        """θ_old ← decay·θ_old + (1 − decay)·θ."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (LoRA A/B matrices)."""
+
+    def trainable_module(self) -> nn.Module:
+        """The module holding the LoRA layers (for hooks in the `affine` Gram)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable and old-policy weights (everything a checkpoint needs)."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save_adapter(self, directory: str) -> None:
+        """Write the LoRA adapter as safetensors that diffusers `load_lora_weights` accepts."""
+
+
+def iter_lora_pairs(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, float]]:
+    """(name, lora_A, lora_B, scaling) for every active peft LoRA linear layer in ``module``."""
+    from peft.tuners.lora import LoraLayer  # peft is a hard dependency; imported lazily
+
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A and layer.lora_A[adapter].weight.requires_grad:
+                yield name, layer.lora_A[adapter], layer.lora_B[adapter], layer.scaling[adapter]
+
+
+def has_cross_sample_ops(module: nn.Module) -> str | None:
+    """Name of the first layer that mixes samples within a batch (batch-norm), if any."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
+            return name or type(layer).__name__
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats is False:
+            return name or type(layer).__name__
+    return None

@@ -1,0 +1,77 @@
+"""The reward contract and helpers shared by reward plugins.
+
+A reward maps ``(images, prompts)`` to one score per image (higher is better):
+
+* ``images``: float tensor ``[B, 3, H, W]`` in ``[0, 1]`` (any device);
+* ``prompts``: list of ``B`` strings;
+* result: float32 tensor ``[B]`` on the CPU; ``NaN`` marks a sample the reward does not apply
+  to (e.g. OCR for a prompt without quoted text).
+
+Subclass :class:`Reward` and implement :meth:`score`; ``__call__`` adds batching, ``no_grad``,
+device placement and validation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from marble_kit.errors import MarbleError
+
+
+class Reward:
+    """Base class of reward models.
+
+    Attributes:
+        name: registry name (set by the factory or the class).
+        batch_size: preferred number of images per forward pass.
+        device: where the model runs; images are moved there batch by batch.
+    """
+
+    name: str = "reward"
+    batch_size: int = 32
+    device: torch.device = torch.device("cpu")
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores for one batch (already on ``self.device``)."""
+        raise NotImplementedError  # abstract: every reward implements this
+
+    def to(self, device: torch.device | str) -> "Reward":
+        """Move the reward's model (if any) to ``device``; subclasses with modules extend this."""
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise MarbleError(
+                f"reward {self.name!r}: expected images [B, 3, H, W], got {tuple(images.shape)}"
+            )
+        if len(prompts) != images.shape[0]:
+            raise MarbleError(
+                f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts"
+            )
+        images = images.float().clamp(0, 1)
+        chunks = []
+        for start in range(0, images.shape[0], max(1, self.batch_size)):
+            batch = images[start:start + self.batch_size].to(self.device)
+            scores = self.score(batch, list(prompts[start:start + self.batch_size]))
+            chunks.append(torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu())
+        result = torch.cat(chunks) if chunks else torch.zeros(0)
+        if result.shape[0] != images.shape[0]:
+            raise MarbleError(
+                f"reward {self.name!r} returned {result.shape[0]} scores for {images.shape[0]} images"
+            )
+        return result
+
+
+def quoted_text(prompt: str) -> str | None:
+    """The text inside the prompt's first pair of double quotes (None when there is none)."""
+    start = prompt.find('"')
+    if start < 0:
+        return None
+    end = prompt.find('"', start + 1)
+    if end < 0:
+        return None
+    return prompt[start + 1:end]
