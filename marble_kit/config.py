@@ -1,0 +1,161 @@
+"""Run configuration: a flat dataclass whose every field has a default and a help string.
+
+Loaded from TOML (``marble train --config run.toml``), overridden by CLI flags, validated in
+``__post_init__`` and saved (resolved) into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from marble_kit.errors import MarbleError
+
+GRAM_MODES = ("affine", "exact", "periodic", "none")
+LOSS_SPACES = ("x0", "velocity")
+DEFAULT_REWARDS = ["color", "shape", "word", "sharpness"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # components
+    policy: str = _f("tiny-sd3", "Policy plugin (`marble plugins` lists them).")
+    policy_options: dict = _f({}, "Options for the policy factory.")
+    rewards: list = _f(DEFAULT_REWARDS, "Reward plugins, one advantage estimator each.")
+    reward_options: dict = _f({}, "Per-reward factory options: {name: {option: value}}.")
+    balancer: str = _f("marble", "Balancer plugin: weighted-sum, mgda-qp, marble, ...")
+    balancer_options: dict = _f({}, "Options for the balancer factory.")
+    prompts: list = _f(["default"], "Prompt sets: built-in names, .txt/.jsonl files or a .toml "
+                       "manifest; `FILE:reward1+reward2` tags the rewards that judge a set.")
+    # run
+    out: str = _f("runs/marble", "Run directory.")
+    seed: int = _f(0, "Seed of everything (prompt order, noise, timesteps, LoRA init).")
+    steps: int = _f(40, "Optimizer steps.")
+    prompts_per_step: int = _f(4, "P: prompts per step.")
+    images_per_prompt: int = _f(4, "G: images per prompt (a group for the advantages).")
+    sample_steps: int = _f(8, "Sampler steps of each rollout.")
+    timesteps_per_image: int = _f(4, "Training timesteps drawn per image (folded into the batch).")
+    micro_batch: int = _f(0, "Rows per forward/backward pass (0 = the whole batch at once).")
+    # DiffusionNFT
+    beta: float = _f(0.1, "NFT strength β (1.0 single reward, 0.1 multi-reward in DiffusionNFT).")
+    kl: float = _f(1e-4, "Weight of the reference anchor mean‖v_θ − v_ref‖² (not balanced).")
+    loss_space: str = _f("x0", "NFT loss in x0 space (DiffusionNFT) or velocity space.")
+    adv_clip: float = _f(5.0, "A_max: advantages are clipped to ±A_max.")
+    adv_std: str = _f("global", "Advantage std over the whole batch ('global') or per group.")
+    timestep_min: float = _f(0.02, "Smallest training t (t ~ U[min, max]).")
+    timestep_max: float = _f(0.98, "Largest training t.")
+    old_decay_rate: float = _f(0.02, "Old-policy EMA decay = min(rate·step, old_decay_max).")
+    old_decay_max: float = _f(0.5, "Cap of the old-policy EMA decay.")
+    # optimizer
+    lr: float = _f(3e-3, "AdamW learning rate (SPEC: 3e-4 for SD3.5 Medium).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW β1.")
+    adam_beta2: float = _f(0.999, "AdamW β2.")
+    grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).")
+    # balancing
+    gram: str = _f("affine", "Gram mode: affine (2 backward passes, exact), exact (K+1), "
+                   "periodic (solve every gram_period steps), none.")
+    gram_period: int = _f(10, "Solve interval n of the periodic mode.")
+    gram_solver: str = _f("affine", "How the periodic mode computes the Gram on solve steps.")
+    # outputs
+    log_every: int = _f(1, "Metrics line every N steps.")
+    checkpoint_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
+    sample_every: int = _f(20, "Sample grid every N steps (0 = off).")
+    threads: int = _f(0, "torch threads (0 = leave torch's default).")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> MarbleError:
+            return MarbleError(f"config: {name} {why}")
+
+        if isinstance(self.rewards, str):
+            self.rewards = [n.strip() for n in self.rewards.split(",") if n.strip()]
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        if not self.rewards:
+            raise bad("rewards", "is empty; name at least one reward (e.g. --rewards brightness)")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise bad("rewards", f"lists a reward twice: {self.rewards}")
+        for name in ("steps", "prompts_per_step", "images_per_prompt", "sample_steps",
+                     "timesteps_per_image", "gram_period"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, f"must be ≥ 1, got {getattr(self, name)}")
+        if self.gram not in GRAM_MODES:
+            raise bad("gram", f"must be one of {', '.join(GRAM_MODES)}, got {self.gram!r}")
+        if self.gram_solver not in ("affine", "exact"):
+            raise bad("gram_solver", f"must be affine or exact, got {self.gram_solver!r}")
+        if self.loss_space not in LOSS_SPACES:
+            raise bad("loss_space", f"must be one of {', '.join(LOSS_SPACES)}")
+        if self.adv_std not in ("global", "group"):
+            raise bad("adv_std", f"must be global or group, got {self.adv_std!r}")
+        if not 0 < self.beta:
+            raise bad("beta", f"must be > 0, got {self.beta}")
+        if not 0 <= self.timestep_min < self.timestep_max <= 1:
+            raise bad("timestep_min/timestep_max", "must satisfy 0 ≤ min < max ≤ 1")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        for name in ("policy_options", "reward_options", "balancer_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "must be a table of options")
+
+    # --- TOML -----------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MarbleError(f"{source}: unknown key {unknown[0]!r}{hint}; valid keys: "
+                              f"{', '.join(sorted(known))}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            expected = {"int": int, "float": (int, float), "str": str, "list": list, "dict": dict}[types[key]]
+            if types[key] == "list" and isinstance(value, str):
+                continue
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise MarbleError(f"{source}: key {key!r} must be {types[key]}, got {value!r}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise MarbleError(f"config file {path} does not exist; pass an existing TOML file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise MarbleError(f"config file {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def help_text(name: str) -> str:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
