@@ -102,3 +102,16 @@ def velocity_loss_per_sample(v_theta, v_old, x_t, x0, t, r, beta: float) -> torc
     e_neg = (v_neg - target).pow(2).mean(dim=dims)
     r = r.to(e_pos.dtype)
     return (r * e_pos + (1.0 - r) * e_neg) / beta
+
+
+def affine_cotangents_autograd(loss_of_r, v_theta) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, W for any loss affine in r, by autograd: U = ∂L(r=0)/∂v, W = ∂L(r=1)/∂v − U.
+
+    ``loss_of_r(v, r)`` must return the scalar loss with per-sample probabilities ``r`` [B].
+    Used for the velocity-space loss, whose closed form is not written out.
+    """
+    v = v_theta.detach().requires_grad_(True)
+    zeros = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    (u,) = torch.autograd.grad(loss_of_r(v, zeros), v)
+    (u_plus_w,) = torch.autograd.grad(loss_of_r(v, torch.ones_like(zeros)), v)
+    return u, u_plus_w - u

@@ -1,0 +1,380 @@
+"""The MARBLE training step (SPEC §1) and the loop around it.
+
+One step, top to bottom:
+
+    rollout  → rewards R [K, B]  → advantages → reward probabilities r [K, B]
+             → per-reward gradients g_k (Gram G = g gᵀ, `affine`: two backward passes)
+             → balancer: loss weights w  → fused gradient Σ w_k g_k (+ anchor) → optimizer step
+             → old-policy EMA, diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from marble_kit import gram as gram_ops
+from marble_kit.advantages import group_advantages, reward_statistics, summed_rewards
+from marble_kit.config import TrainConfig
+from marble_kit.distributed import Distributed
+from marble_kit.errors import MarbleError
+from marble_kit.nft import (
+    affine_cotangents_autograd,
+    anchor_cotangent,
+    anchor_loss,
+    nft_cotangents,
+    nft_loss_per_sample,
+    velocity_loss_per_sample,
+)
+from marble_kit.prompts import PromptSampler, applicability_mask, load_prompt_sets
+from marble_kit.registry import build
+
+
+@dataclass
+class Components:
+    """Everything a run is assembled from (built by :func:`build_components`)."""
+
+    policy: Any
+    rewards: list[Any]
+    reward_names: list[str]
+    balancer: Any
+    prompt_sets: list[Any]
+
+
+def build_components(config: TrainConfig) -> Components:
+    """Rewards first (missing weights fail fast, before the policy loads), then the rest."""
+    prompt_sets = load_prompt_sets(config.prompts)
+    rewards = [build("reward", name, config.reward_options.get(name, {})) for name in config.rewards]
+    unknown_options = set(config.reward_options) - set(config.rewards)
+    if unknown_options:
+        raise MarbleError(
+            f"reward options given for {sorted(unknown_options)} which are not in --rewards "
+            f"{','.join(config.rewards)}; add the reward or drop the option"
+        )
+    for prompt_set in prompt_sets:
+        for name in prompt_set.rewards or []:
+            if name not in config.rewards:
+                raise MarbleError(
+                    f"prompt set {prompt_set.name!r} is tagged with reward {name!r}, which is not "
+                    f"in --rewards {','.join(config.rewards)}; add it or change the tags"
+                )
+    balancer = build("balancer", config.balancer, config.balancer_options, len(config.rewards))
+    policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    return Components(policy, rewards, list(config.rewards), balancer, prompt_sets)
+
+
+@dataclass
+class TrainBatch:
+    """A rollout folded into training rows: T timesteps per image."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    cond: Any
+    r: torch.Tensor           # [K, N] reward probabilities, one row per training row
+    v_old: torch.Tensor
+    v_ref: torch.Tensor | None
+
+
+@dataclass
+class Trainer:
+    """Holds the optimizer, balancer, RNG and step counter; ``step()`` runs SPEC §1 once."""
+
+    config: TrainConfig
+    components: Components
+    dist: Distributed = field(default_factory=Distributed)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.policy = self.components.policy
+        self.rewards = self.components.rewards
+        self.reward_names = self.components.reward_names
+        self.balancer = self.components.balancer
+        self.params = list(self.policy.trainable_parameters())
+        if not self.params:
+            raise MarbleError(f"policy {cfg.policy!r} has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+        )
+        self.sampler = PromptSampler(self.components.prompt_sets, seed=cfg.seed + 7919 * self.dist.rank)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000003 + self.dist.rank)
+        self.step_count = 0
+        self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
+        if self.uses_gram and self.gram_mode_for(0) == "affine":
+            gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def summed_weights(self) -> torch.Tensor | None:
+        return getattr(self.balancer, "summed_reward_weights", None)
+
+    @property
+    def uses_gram(self) -> bool:
+        return self.summed_weights is None and (self.balancer.needs_gram or self.config.gram != "none")
+
+    def gram_mode_for(self, step: int) -> str:
+        """This step's Gram computation: affine / exact, 'reuse' (periodic mode between solves:
+        the last loss weights) or 'none' (the balancer needs no Gram and none is asked for)."""
+        mode = self.config.gram
+        if not self.uses_gram:
+            return "none"
+        if mode == "periodic":
+            solve = step % self.config.gram_period == 0 or self.loss_weights is None
+            return self.config.gram_solver if solve else "reuse"
+        return "affine" if mode == "none" else mode  # `none` with a Gram-hungry balancer
+
+    def old_decay(self, step: int) -> float:
+        return min(self.config.old_decay_rate * step, self.config.old_decay_max)
+
+    def _score(self, images: torch.Tensor, prompts: list[str], set_ids: torch.Tensor) -> torch.Tensor:
+        """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it."""
+        scores = []
+        for name, reward in zip(self.reward_names, self.rewards):
+            try:
+                scores.append(reward(images, prompts).float())
+            except MarbleError:
+                raise
+            except Exception as exc:
+                raise MarbleError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+        rewards = torch.stack(scores)
+        mask = applicability_mask(set_ids, self.reward_names, self.components.prompt_sets)
+        return torch.where(mask, rewards, torch.full_like(rewards, float("nan")))
+
+    def _fold_timesteps(self, rollout, r: torch.Tensor) -> TrainBatch:
+        """T noisy versions x_t = (1−t)·x0 + t·ε of every image (SPEC §1.4)."""
+        cfg = self.config
+        batch = rollout.x0.shape[0]
+        repeats = cfg.timesteps_per_image
+        rows = torch.arange(batch).repeat(repeats)
+        x0 = rollout.x0[rows]
+        t = cfg.timestep_min + (cfg.timestep_max - cfg.timestep_min) * torch.rand(
+            x0.shape[0], generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        x0, t, noise = x0.to(self.policy.device), t.to(self.policy.device), noise.to(self.policy.device)
+        t_b = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        x_t = (1 - t_b) * x0 + t_b * noise.to(x0.dtype)
+        cond = rollout.cond.index(rows)
+        v_old, v_ref = [], []
+        for sl in self._micro_slices(x0.shape[0]):
+            c = cond.index(torch.arange(sl.start, sl.stop))
+            v_old.append(self.policy.old_velocity(x_t[sl], t[sl], c))
+            if cfg.kl > 0:
+                v_ref.append(self.policy.ref_velocity(x_t[sl], t[sl], c))
+        return TrainBatch(x0, x_t, t, cond, r[:, rows].to(self.policy.device), torch.cat(v_old),
+                          torch.cat(v_ref) if v_ref else None)
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        size = self.config.micro_batch or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _loss_per_row(self, v, batch: TrainBatch, sl: slice, r_row: torch.Tensor) -> torch.Tensor:
+        loss_fn = nft_loss_per_sample if self.config.loss_space == "x0" else velocity_loss_per_sample
+        return loss_fn(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl], r_row,
+                       self.config.beta)
+
+    def _forward(self, batch: TrainBatch, sl: slice):
+        cond = batch.cond.index(torch.arange(sl.start, sl.stop))
+        return self.policy.velocity(batch.x_t[sl], batch.t[sl], cond)
+
+    def _anchor(self, v, batch: TrainBatch, sl: slice, n: int) -> torch.Tensor:
+        if batch.v_ref is None:
+            return v.sum() * 0.0
+        return self.config.kl * anchor_loss(v, batch.v_ref[sl], num_samples=n)
+
+    # ---------------------------------------------------------------- gradients of the step
+    def _affine_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-reward gradients [K, P] and the anchor gradient [P] from two backward passes."""
+        n = batch.x0.shape[0]
+        grads = anchor = None
+        for sl in self._micro_slices(n):
+            with gram_ops.LoraCapture(self.policy.trainable_module()) as capture:
+                v = self._forward(batch, sl)
+            if self.config.loss_space == "x0":
+                U, W = nft_cotangents(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl],
+                                      self.config.beta, num_samples=n)
+            else:
+                U, W = affine_cotangents_autograd(
+                    lambda out, r: self._loss_per_row(out, batch, sl, r).sum() / n, v)
+            extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
+                     if batch.v_ref is not None else None)
+            g, a = gram_ops.per_reward_gradients_affine(v, U, W, batch.r[:, sl], capture, self.params,
+                                                        extra=extra)
+            grads = g if grads is None else grads + g
+            if a is not None:
+                anchor = a if anchor is None else anchor + a
+        if anchor is None:
+            anchor = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
+        return grads, anchor
+
+    def _exact_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-reward gradients by one backward pass per reward (the reference)."""
+        n = batch.x0.shape[0]
+        grads = anchor = None
+        for sl in self._micro_slices(n):
+            v = self._forward(batch, sl)
+            losses = [self._loss_per_row(v, batch, sl, batch.r[k, sl]).sum() / n
+                      for k in range(batch.r.shape[0])]
+            losses.append(self._anchor(v, batch, sl, n))
+            g = gram_ops.per_reward_gradients_exact(losses, self.params)
+            grads = g[:-1] if grads is None else grads + g[:-1]
+            anchor = g[-1] if anchor is None else anchor + g[-1]
+        return grads, anchor
+
+    def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:
+        """One backward pass on (Σw)·L(r_eff) + anchor, r_eff = Σ_k (w_k/Σw)·r_k (SPEC §1.5)."""
+        n = batch.x0.shape[0]
+        total = weights.sum()
+        r_eff = (weights.view(-1, 1).to(batch.r) * batch.r).sum(0) / total if total != 0 else batch.r[0] * 0
+        for sl in self._micro_slices(n):
+            v = self._forward(batch, sl)
+            loss = total * self._loss_per_row(v, batch, sl, r_eff[sl]).sum() / n + self._anchor(v, batch, sl, n)
+            loss.backward()
+
+    # ------------------------------------------------------------------------------- step
+    def step(self) -> dict[str, Any]:
+        cfg, step = self.config, self.step_count
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        # 1. Rollout: G images per prompt from the old policy (SPEC §1.1).
+        drawn = self.sampler.sample(cfg.prompts_per_step)
+        prompts = [p for p, _ in drawn for _ in range(cfg.images_per_prompt)]
+        set_ids = torch.tensor([s for _, s in drawn for _ in range(cfg.images_per_prompt)])
+        group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.images_per_prompt)
+        with torch.no_grad():
+            rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps)
+        timings["time/rollout"] = time.perf_counter() - clock
+
+        # 2. Rewards R [K, B], NaN where a reward does not judge a sample (SPEC §1.2).
+        clock = time.perf_counter()
+        rewards = self._score(rollout.images, prompts, set_ids)
+        timings["time/rewards"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+        # 3. Per-reward advantages → reward probabilities r [K, B] (SPEC §1.3).
+        gathered, gathered_groups = self.dist.gather_rewards(rewards, group_ids)
+        judged = summed_rewards(gathered, self.summed_weights) if self.summed_weights is not None else gathered
+        adv = group_advantages(judged, gathered_groups, std_scope=cfg.adv_std, clip=cfg.adv_clip)
+        r = self.dist.local_rows(adv.probabilities)
+
+        # 4. Training rows: T timesteps per image, old and reference velocities (SPEC §1.4).
+        batch = self._fold_timesteps(rollout, r)
+
+        # 5-7. Per-reward gradients, Gram, balancer, one fused update (SPEC §1.5-1.7).
+        self.optimizer.zero_grad(set_to_none=True)
+        mode = self.gram_mode_for(step)
+        metrics: dict[str, Any] = {}
+        if mode in ("affine", "exact"):
+            grads, anchor = (self._affine_gradients if mode == "affine" else self._exact_gradients)(batch)
+            # Global gradients: reduce the K gradient vectors, not per-rank Grams (SPEC §1.6).
+            grads, anchor = self.dist.all_reduce_mean(grads), self.dist.all_reduce_mean(anchor)
+            gram = gram_ops.gram_matrix(grads)
+            metric = getattr(self.balancer, "gram_metric", "euclidean")
+            solve_gram = gram if metric == "euclidean" else gram_ops.metric_gram(
+                grads, self.optimizer, self.params, metric=metric)
+            weights = self.balancer.weights(solve_gram, step).to(grads)
+            fused = weights @ grads
+            gram_ops.write_flat_grad(self.params, fused + anchor)
+            metrics.update(self._gradient_diagnostics(gram, weights))
+        else:
+            grads = None
+            if self.summed_weights is not None:
+                weights = torch.ones(1)  # one advantage of the summed reward
+            elif mode == "reuse":
+                weights = self.loss_weights
+            else:
+                weights = self.balancer.weights(None, step)
+            self._fused_backward(batch, weights.to(batch.r))
+            self.dist.all_reduce_mean_grads(self.params)
+        self.loss_weights = weights.detach().cpu()
+
+        before = [p.detach().clone() for p in self.params] if grads is not None else None
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.sqrt(sum(p.grad.pow(2).sum() for p in self.params if p.grad is not None)))
+        self.optimizer.step()
+        if before is not None:
+            delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
+            cos_update = gram_ops.update_cosines(grads, -delta.to(grads))
+            for name, value in zip(self.reward_names, cos_update.tolist()):
+                metrics[f"cos_update/{name}"] = value
+            metrics["cos_update/worst"] = float(cos_update.min())
+
+        # Old policy ← EMA of the trainable weights.
+        self.policy.update_old(self.old_decay(step))
+        timings["time/update"] = time.perf_counter() - clock
+
+        # 8. Diagnostics (SPEC §1.8).
+        self.step_count += 1
+        metrics.update({"step": self.step_count, "gram_mode": mode, "grad_norm": float(grad_norm)})
+        metrics.update(reward_statistics(gathered, self.reward_names))
+        lam = getattr(self.balancer, "lam", None)
+        names = self.reward_names if self.summed_weights is None else ["summed"]
+        for k, name in enumerate(names):
+            metrics[f"weight/{name}"] = float(self.loss_weights[k]) if k < len(self.loss_weights) else float("nan")
+            if lam is not None and k < len(lam):
+                metrics[f"lambda/{name}"] = float(lam[k])
+            valid = adv.valid[k]
+            metrics[f"adv_abs/{name}"] = float(adv.advantages[k][valid].abs().mean()) if valid.any() else 0.0
+        metrics.update({key: float(v) for key, v in getattr(self.balancer, "metrics", {}).items()})
+        metrics.update(timings)
+        return metrics
+
+    def _gradient_diagnostics(self, gram: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+        diag = gram_ops.cosine_diagnostics(gram, weights)
+        out = {f"cos/{name}": float(c) for name, c in zip(self.reward_names, diag["cos"].tolist())}
+        out["cos/worst"] = float(diag["worst"])
+        out.update({f"grad_norm/{name}": math.sqrt(max(float(gram[k, k]), 0.0))
+                    for k, name in enumerate(self.reward_names)})
+        return out
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "loss_weights": self.loss_weights,
+            "generator": self.generator.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.loss_weights = state["loss_weights"]
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def run_steps(trainer: Trainer, steps: int,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``steps`` optimizer steps, calling ``on_step(metrics)`` after each."""
+    history = []
+    for _ in range(steps):
+        metrics = trainer.step()
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+    return history
+
+
+def evaluate_rewards(policy, rewards: Sequence[Any], reward_names: Sequence[str], prompts: Sequence[str],
+                     seed: int, steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [K, N] and images of the policy's *current* weights on fixed prompts and noise."""
+    generator = torch.Generator().manual_seed(seed)
+    all_scores, all_images = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        with torch.no_grad():
+            rollout = policy.sample(chunk, generator=generator, steps=steps, use_old=False)
+        all_images.append(rollout.images)
+        all_scores.append(torch.stack([reward(rollout.images, chunk).float() for reward in rewards]))
+    return torch.cat(all_scores, dim=1), torch.cat(all_images)
