@@ -1,0 +1,104 @@
+"""`marble train`: flags and/or a TOML config → marble_kit.run.train."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from marble_cli.common import console, split_names, user_errors
+from marble_kit.config import TrainConfig, read_toml
+from marble_kit.errors import MarbleError
+from marble_kit.options import merge_options, parse_plugin_options, parse_value
+
+
+def _single_plugin_options(items: list[str] | None, flag: str) -> dict:
+    """`--balancer-opt rho=0.5` (no plugin prefix: there is one balancer / one policy)."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MarbleError(f"{flag} {item!r} is malformed; write it as OPTION=VALUE (e.g. {flag} rho=0.7)")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def build_config(config_file: Optional[Path], overrides: dict, reward_opts: list[str] | None,
+                 balancer_opts: list[str] | None, policy_opts: list[str] | None,
+                 settings: list[str] | None) -> TrainConfig:
+    """Defaults ← TOML file ← `--set key=value` ← explicit flags ← plugin options."""
+    data = read_toml(config_file) if config_file else {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MarbleError(f"--set {item!r} is malformed; write it as KEY=VALUE (e.g. --set beta=0.5)")
+        data[key.strip()] = parse_value(value.strip())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "out" not in data:  # a fresh directory per run unless told otherwise
+        data["out"] = f"runs/marble-{time.strftime('%Y%m%d-%H%M%S')}"
+    data["reward_options"] = merge_options(data.get("reward_options", {}),
+                                           parse_plugin_options(reward_opts, "--reward-opt"))
+    data["balancer_options"] = {**data.get("balancer_options", {}),
+                                **_single_plugin_options(balancer_opts, "--balancer-opt")}
+    data["policy_options"] = {**data.get("policy_options", {}),
+                              **_single_plugin_options(policy_opts, "--policy-opt")}
+    return TrainConfig.from_dict(data, source=str(config_file) if config_file else "command line")
+
+
+@user_errors
+def train(
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig)."),
+    rewards: Optional[str] = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
+    balancer: Optional[str] = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt set: built-in name, .txt/.jsonl file or .toml manifest; FILE:reward1+reward2 tags its rewards. Repeatable."),
+    steps: Optional[int] = typer.Option(None, "--steps", "-n", help="Optimizer steps."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/marble-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    gram: Optional[str] = typer.Option(None, "--gram", help="Gram mode: affine, exact, periodic, none."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE (repeatable)."),
+    balancer_opt: Optional[list[str]] = typer.Option(None, "--balancer-opt", help="Balancer option OPTION=VALUE (repeatable)."),
+    policy_opt: Optional[list[str]] = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Any config key KEY=VALUE (repeatable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+):
+    """Fine-tune a policy with MARBLE (defaults: tiny-sd3, offline specialist rewards, marble balancer)."""
+    from marble_kit.distributed import Distributed
+    from marble_kit.run import read_run_config, train as run_train
+
+    overrides = {"rewards": split_names(rewards) or None, "balancer": balancer, "policy": policy,
+                 "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr}
+    if resume is not None:
+        base = read_run_config(resume)
+        changed = {k: v for k, v in overrides.items() if v is not None and k not in ("steps", "out")}
+        if changed or reward_opt or balancer_opt or policy_opt or config_file or settings:
+            raise MarbleError(f"--resume {resume} continues that run with its own config; only --steps may "
+                              f"be given (got {', '.join(changed) or 'other options'})")
+        config = base.replace(out=str(resume), steps=steps or base.steps)
+    else:
+        config = build_config(config_file, overrides, reward_opt, balancer_opt, policy_opt, settings)
+    dist = Distributed.from_environment()
+    if dist.is_main:
+        console.print(f"[bold]marble train[/] → {config.out}  policy={config.policy}  "
+                      f"rewards={','.join(config.rewards)}  balancer={config.balancer}  gram={config.gram}",
+                      highlight=False)
+    result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
+    if dist.is_main:
+        last = result.history[-1] if result.history else {}
+        status = "interrupted — checkpoint saved" if result.interrupted else "done"
+        console.print(f"[bold green]{status}[/]: {len(result.history)} steps, run directory {result.run_dir}",
+                      highlight=False)
+        for name in config.rewards:
+            value = last.get(f"reward/{name}")
+            if isinstance(value, float):
+                console.print(f"  {name:<24} last-step mean reward {value:.4f}", highlight=False)
+    if result.interrupted:
+        raise typer.Exit(code=130)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
