@@ -23,6 +23,8 @@ def _root() -> None:
 # One module per command (or command group); each exposes `register(app)`.
 COMMAND_MODULES = (
     "marble_cli.train_cmd",
+    "marble_cli.eval_cmd",
+    "marble_cli.plot_cmd",
     "marble_cli.plugins_cmd",
 )
 

@@ -1,0 +1,56 @@
+"""`marble eval CKPT_OR_RUN`: per-reward table of a checkpoint vs its base policy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from marble_cli.common import console, print_json, split_names, user_errors
+from marble_kit.options import parse_plugin_options
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+@user_errors
+def eval_command(
+    target: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoints/step-N directory."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt sets to evaluate on (default: held-out world prompts / the run's sets)."),
+    rewards: Optional[str] = typer.Option(None, "--rewards", "-r", help="Comma-separated rewards (default: the run's)."),
+    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE."),
+    images_per_prompt: int = typer.Option(2, "--images-per-prompt", help="Images per prompt."),
+    max_prompts: int = typer.Option(32, "--max-prompts", help="At most this many prompts."),
+    seed: int = typer.Option(1234, "--seed", help="Noise seed (the same for base and checkpoint)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval/step-N)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the JSON report."),
+):
+    """Score a checkpoint and its base policy on the same prompts and noise."""
+    from marble_kit.evaluate import evaluate
+
+    report = evaluate(target, prompts=prompts, rewards=split_names(rewards) or None,
+                      reward_options=parse_plugin_options(reward_opt, "--reward-opt"),
+                      images_per_prompt=images_per_prompt, max_prompts=max_prompts, seed=seed, out=out)
+    if json_output:
+        print_json(report.as_dict())
+        return
+    table = Table(title=f"marble eval · {report.checkpoint} (step {report.step})")
+    for column in ("reward", "n", "base", "fine-tuned", "Δ", "Δ / base std"):
+        table.add_column(column, justify="right" if column != "reward" else "left")
+    for row in report.rewards:
+        table.add_row(row["reward"], str(row["n"]),
+                      f"{_fmt(row['base_mean'])} ± {_fmt(row['base_std'])}",
+                      f"{_fmt(row['tuned_mean'])} ± {_fmt(row['tuned_std'])}",
+                      _fmt(row["delta"], signed=True), _fmt(row["delta_in_base_std"], signed=True))
+    console.print(table)
+    console.print(f"report {report.json_path}\ngrid   {report.grid_path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,116 @@
+"""`marble eval`: a checkpoint against its base policy, same prompts, same noise.
+
+Writes ``eval.json`` (per-reward mean ± std, deltas, deltas in base-std units) and
+``eval_grid.png`` (base row above fine-tuned row for each prompt) into the output directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from marble_kit.checkpoint import load_checkpoint, resolve_checkpoint
+from marble_kit.config import TrainConfig
+from marble_kit.errors import MarbleError
+from marble_kit.images import save_grid
+from marble_kit.prompts import applicability_mask, load_prompt_sets
+from marble_kit.registry import build
+from marble_kit.run import check_compatible, read_run_config
+
+
+@dataclass
+class EvalReport:
+    checkpoint: str
+    step: int
+    rewards: list[dict[str, Any]]
+    json_path: Path
+    grid_path: Path
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "step": self.step, "rewards": self.rewards,
+                "json": str(self.json_path), "grid": str(self.grid_path)}
+
+
+def _stats(values: torch.Tensor) -> tuple[float, float, int]:
+    values = values[torch.isfinite(values)].double()
+    if values.numel() == 0:
+        return float("nan"), float("nan"), 0
+    return float(values.mean()), float(values.std(unbiased=False)), int(values.numel())
+
+
+def score_policy(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: torch.Tensor, seed: int,
+                 steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [K, N] (NaN where not applicable) and images of the policy's current weights."""
+    generator = torch.Generator().manual_seed(seed)
+    scores, images = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        with torch.no_grad():
+            rollout = policy.sample(chunk, generator=generator, steps=steps, use_old=False)
+        images.append(rollout.images)
+        scores.append(torch.stack([reward(rollout.images, chunk).float() for reward in rewards]))
+    values = torch.cat(scores, dim=1)
+    return torch.where(mask, values, torch.full_like(values, float("nan"))), torch.cat(images)
+
+
+def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list[str] | None = None,
+             reward_options: dict | None = None, images_per_prompt: int = 2, max_prompts: int = 32,
+             seed: int = 1234, out: str | Path | None = None, grid_prompts: int = 8) -> EvalReport:
+    """Score checkpoint (or a run's latest checkpoint) ``target`` and the base policy."""
+    checkpoint = resolve_checkpoint(target)
+    run_dir = checkpoint.parent.parent
+    config: TrainConfig = read_run_config(run_dir)
+    meta, state = load_checkpoint(checkpoint)
+    check_compatible(meta, config, str(checkpoint))
+
+    prompt_sets = load_prompt_sets(prompts or _eval_prompt_specs(config))
+    reward_names = rewards or list(config.rewards)
+    options = {**config.reward_options, **(reward_options or {})}
+    reward_models = [build("reward", name, options.get(name, {})) for name in reward_names]
+    # Round-robin over the sets so that the cap keeps every set represented.
+    by_set = [[(p, i) for p in s.prompts] for i, s in enumerate(prompt_sets)]
+    pairs = [pair for group in itertools.zip_longest(*by_set) for pair in group if pair][:max_prompts]
+    if not pairs:
+        raise MarbleError("eval: the prompt sets are empty; pass --prompts with at least one prompt")
+    all_prompts = [p for p, _ in pairs for _ in range(images_per_prompt)]
+    set_ids = torch.tensor([i for _, i in pairs for _ in range(images_per_prompt)])
+    mask = applicability_mask(set_ids, reward_names, prompt_sets)
+
+    policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    base_scores, base_images = score_policy(policy, reward_models, all_prompts, mask, seed, config.sample_steps)
+    policy.load_state_dict(state["policy"])
+    tuned_scores, tuned_images = score_policy(policy, reward_models, all_prompts, mask, seed, config.sample_steps)
+
+    rows = []
+    for k, name in enumerate(reward_names):
+        base_mean, base_std, count = _stats(base_scores[k])
+        tuned_mean, tuned_std, _ = _stats(tuned_scores[k])
+        delta = tuned_mean - base_mean
+        rows.append({"reward": name, "n": count, "base_mean": base_mean, "base_std": base_std,
+                     "tuned_mean": tuned_mean, "tuned_std": tuned_std, "delta": delta,
+                     "delta_in_base_std": delta / base_std if base_std > 0 else float("nan")})
+
+    out_dir = Path(out) if out else run_dir / "eval" / checkpoint.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = min(grid_prompts, len(pairs))
+    picks = [i * images_per_prompt for i in range(shown)]
+    grid = torch.cat([base_images[picks], tuned_images[picks]])
+    captions = [f"base: {all_prompts[i]}" for i in picks] + [f"step {meta['step']}" for _ in picks]
+    grid_path = save_grid(grid, out_dir / "eval_grid.png", captions=captions, ncol=shown)
+    json_path = out_dir / "eval.json"
+    report = EvalReport(str(checkpoint), int(meta["step"]), rows, json_path, grid_path)
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**report.as_dict(), "prompts": [p for p, _ in pairs],
+                               "images_per_prompt": images_per_prompt, "seed": seed}, indent=2))
+    tmp.replace(json_path)
+    return report
+
+
+def _eval_prompt_specs(config: TrainConfig) -> list[str]:
+    """Held-out prompts for the embedded default; otherwise the run's own prompt sets."""
+    return ["world_eval"] if list(config.prompts) == ["default"] else list(config.prompts)
