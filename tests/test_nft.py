@@ -1,0 +1,97 @@
+"""The DiffusionNFT loss: affinity in r, closed-form cotangents vs torch.autograd."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marble_kit.advantages import group_advantages
+from marble_kit.nft import (
+    affine_cotangents_autograd,
+    anchor_cotangent,
+    anchor_loss,
+    nft_cotangents,
+    nft_loss_per_sample,
+    velocity_loss_per_sample,
+)
+
+
+def _batch(seed, batch=6, shape=(4, 3, 3)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    t = torch.rand(batch, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    v_old = (noise - x0) + 0.3 * torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    v = (v_old + 0.1 * torch.randn(batch, *shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    return v, v_old, x_t, x0, t
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6), beta=st.sampled_from([0.1, 0.5, 1.0]))
+def test_weighted_losses_equal_loss_of_effective_r(seed, k, beta):
+    """Σ_k λ_k L_k == L(r_eff), r_eff = Σ λ_k r_k — with clipped advantages and NaN rewards."""
+    v, v_old, x_t, x0, t = _batch(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    rewards = torch.randn(k, v.shape[0], generator=g, dtype=torch.float64) * 10  # large → clipping
+    rewards[0, :2] = float("nan")
+    r = group_advantages(rewards, torch.arange(v.shape[0]) // 3, clip=1.0).probabilities.double()
+    lam = torch.rand(k, generator=g, dtype=torch.float64)
+    lam = lam / lam.sum()
+    losses = torch.stack([nft_loss_per_sample(v, v_old, x_t, x0, t, r[i], beta).mean() for i in range(k)])
+    fused = nft_loss_per_sample(v, v_old, x_t, x0, t, lam @ r, beta).mean()
+    assert torch.allclose(lam @ losses, fused, rtol=1e-9, atol=1e-12)
+    # and the gradient of L(r_eff) equals Σ λ_k ∇L_k from separate backward passes
+    grads = torch.stack([torch.autograd.grad(losses[i], v, retain_graph=True)[0] for i in range(k)])
+    (fused_grad,) = torch.autograd.grad(fused, v)
+    assert torch.allclose(torch.einsum("k,k...->...", lam, grads), fused_grad, rtol=1e-9, atol=1e-14)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), beta=st.sampled_from([0.05, 0.1, 1.0]))
+def test_closed_form_cotangents_match_autograd(seed, beta):
+    v, v_old, x_t, x0, t = _batch(seed)
+    r = torch.rand(v.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (expected,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, r, beta).mean(), v)
+    U, W = nft_cotangents(v, v_old, x_t, x0, t, beta)
+    assert torch.allclose(U + r.view(-1, 1, 1, 1) * W, expected, rtol=1e-9, atol=1e-15)
+    # U and W do not depend on r: the same pair serves any reward
+    (expected_other,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, 1 - r, beta).mean(), v)
+    assert torch.allclose(U + (1 - r).view(-1, 1, 1, 1) * W, expected_other, rtol=1e-9, atol=1e-15)
+
+
+def test_cotangents_with_global_normalizer_for_micro_batches():
+    v, v_old, x_t, x0, t = _batch(3, batch=8)
+    r = torch.rand(8, dtype=torch.float64)
+    (full,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, r, 0.1).mean(), v)
+    U, W = nft_cotangents(v[:4], v_old[:4], x_t[:4], x0[:4], t[:4], 0.1, num_samples=8)
+    assert torch.allclose(U + r[:4].view(-1, 1, 1, 1) * W, full[:4], rtol=1e-9)
+
+
+def test_velocity_space_loss_is_affine_and_autograd_cotangents():
+    v, v_old, x_t, x0, t = _batch(5)
+    r = torch.rand(v.shape[0], dtype=torch.float64)
+
+    def loss(out, rr):
+        return velocity_loss_per_sample(out, v_old, x_t, x0, t, rr, 0.1).mean()
+
+    U, W = affine_cotangents_autograd(loss, v)
+    (expected,) = torch.autograd.grad(loss(v, r), v)
+    assert torch.allclose(U + r.view(-1, 1, 1, 1) * W, expected, rtol=1e-9)
+
+
+def test_anchor_cotangent_matches_autograd():
+    v, v_old, *_ = _batch(7)
+    (expected,) = torch.autograd.grad(anchor_loss(v, v_old), v)
+    assert torch.allclose(anchor_cotangent(v, v_old), expected)
+
+
+def test_loss_prefers_the_better_side():
+    """r = 1 pulls v_θ towards the data (positive branch); r = 0 pushes the other way."""
+    v, v_old, x_t, x0, t = _batch(11)
+    target_v = ((x_t - x0) / t.view(-1, 1, 1, 1)).detach()
+    ones, zeros = torch.ones(v.shape[0], dtype=v.dtype), torch.zeros(v.shape[0], dtype=v.dtype)
+    (g_pos,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, ones, 0.5).mean(), v)
+    (g_neg,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, zeros, 0.5).mean(), v)
+    towards_data = (target_v - v).detach()
+    assert (-(g_pos * towards_data).sum()) > 0
+    assert (-(g_neg * towards_data).sum()) < 0
