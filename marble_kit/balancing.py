@@ -1,0 +1,451 @@
+"""Balancers: from the per-reward Gram matrix to loss weights (SPEC §1.7, §2).
+
+The contract (:class:`Balancer`) maps the K×K Gram matrix G_kl = ⟨∇L_k, ∇L_l⟩ to **loss
+weights** w such that the fused gradient is d = Σ_k w_k ∇L_k on the raw per-reward gradients.
+The trainer then backpropagates (Σw)·L(r_eff) with r_eff = Σ_k (w_k/Σw)·r_k once.
+
+This module holds what the built-in balancers share:
+
+* :class:`DenseQP` — a small dense QP solved with OSQP (CSC matrices with a fixed dense
+  pattern, warm start, polish) followed by an exact active-set refinement in float64;
+* :func:`sanitize_gram` — degenerate input handling (non-finite rows, zero gradients,
+  round-off non-PSD, rank deficiency) that never raises and never yields NaN;
+* :class:`MinNormQP` — the MGDA min-norm problem min λᵀGλ on the simplex (optionally with a
+  floor λ_k ≥ λ_min and unit-norm gradient normalization), solved in diagonally scaled
+  variables so gradient norms spanning many orders of magnitude still give the true λ;
+* :func:`ema_update`, :func:`loss_weights` and the metric bookkeeping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from marble_kit.errors import MarbleError
+
+NORMALIZE_MODES = ("none", "unit")
+GRAM_METRICS = ("euclidean", "adam", "adam-momentum")
+
+# A reward whose squared gradient norm is below this fraction of the largest one is treated as
+# exactly zero: 1e-24 (a norm ratio of 1e-12) keeps gradients spanning 1e-3..1e3 all active.
+ZERO_GRADIENT_RATIO = 1e-24
+# Eigenvalues of the unit-diagonal Gram below -NON_PSD_TOL are more than float64 round-off.
+NON_PSD_TOL = 1e-10
+RANK_TOL = 1e-9
+DEGENERATE_FLAGS = ("zero_gradient", "nonfinite", "non_psd", "rank_deficient", "all_zero",
+                    "solver_fallback")
+
+
+@runtime_checkable
+class Balancer(Protocol):
+    """Turns the per-reward Gram matrix into loss weights.
+
+    Attributes:
+        needs_gram: False → the trainer skips the Gram and calls ``weights(None, step)``.
+        lam: the last simplex λ (K,) for logging.
+        metrics: this step's extra metrics (e.g. ``"balancer/degenerate": 1.0``).
+        summed_reward_weights: not None only for the summed-reward baseline (the trainer sums
+            the rewards with these weights before a single advantage).
+        gram_metric: which Gram the trainer passes: "euclidean", "adam" or "adam-momentum"
+            (see :func:`marble_kit.gram.metric_gram`).
+    """
+
+    needs_gram: bool
+    lam: Tensor
+    metrics: dict[str, float]
+
+    def weights(self, gram: Tensor | None, step: int) -> Tensor:
+        """(K, K) Gram → (K,) loss weights w ≥ 0 (fused gradient Σ_k w_k ∇L_k)."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+# ------------------------------------------------------------------------- option checks
+def check_normalize(value: str, where: str) -> str:
+    if value not in NORMALIZE_MODES:
+        raise MarbleError(f"{where}: normalize={value!r} is not one of {', '.join(NORMALIZE_MODES)} "
+                          "(e.g. --balancer-opt normalize=\"unit\")")
+    return value
+
+
+def check_gram_metric(value: str, where: str) -> str:
+    if value not in GRAM_METRICS:
+        raise MarbleError(f"{where}: metric={value!r} is not one of {', '.join(GRAM_METRICS)}")
+    return value
+
+
+def check_num_rewards(num_rewards: int, where: str) -> int:
+    if not isinstance(num_rewards, int) or num_rewards < 1:
+        raise MarbleError(f"{where}: needs at least one reward, got num_rewards={num_rewards!r}")
+    return num_rewards
+
+
+def check_min_weight(min_weight: float, num_rewards: int, where: str) -> float:
+    min_weight = float(min_weight)
+    if not 0.0 <= min_weight or min_weight * num_rewards > 1.0 + 1e-12:
+        raise MarbleError(f"{where}: min_weight={min_weight} must satisfy 0 ≤ min_weight ≤ 1/K = "
+                          f"{1.0 / num_rewards:.4g} for K={num_rewards} rewards")
+    return min_weight
+
+
+def as_gram_array(gram: Tensor | np.ndarray | None, num_rewards: int, where: str) -> np.ndarray:
+    """The Gram as float64 numpy, with a shape check (a wrong shape is a caller's mistake)."""
+    if gram is None:
+        raise MarbleError(f"{where} needs the per-reward Gram matrix; train with --gram affine, "
+                          "exact or periodic (not none)")
+    array = gram.detach().cpu().double().numpy() if isinstance(gram, Tensor) else np.asarray(gram, float)
+    if array.shape != (num_rewards, num_rewards):
+        raise MarbleError(f"{where}: expected a ({num_rewards}, {num_rewards}) Gram matrix for "
+                          f"{num_rewards} rewards, got shape {tuple(array.shape)}")
+    return array
+
+
+# ------------------------------------------------------------------------- dense OSQP QP
+def _upper_pattern(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSC indices/indptr of a dense upper triangle (explicit zeros kept: fixed pattern)."""
+    indices = np.concatenate([np.arange(j + 1) for j in range(n)])
+    indptr = np.concatenate([[0], np.cumsum(np.arange(1, n + 1))])
+    return indices.astype(np.int64), indptr.astype(np.int64)
+
+
+def _upper_data(matrix: np.ndarray) -> np.ndarray:
+    n = matrix.shape[0]
+    return np.concatenate([matrix[: j + 1, j] for j in range(n)])
+
+
+def _dense_csc(matrix: np.ndarray):
+    """A dense matrix as CSC with every entry stored (so updates keep the pattern)."""
+    from scipy import sparse
+
+    rows, cols = matrix.shape
+    indices = np.tile(np.arange(rows), cols)
+    indptr = np.arange(0, rows * cols + 1, rows)
+    return sparse.csc_matrix((matrix.T.reshape(-1).copy(), indices, indptr), shape=(rows, cols))
+
+
+@dataclass
+class QPResult:
+    x: np.ndarray
+    solved: bool
+    iterations: int
+    refined: bool
+
+
+class DenseQP:
+    """min ½xᵀPx s.t. l ≤ Ax ≤ u for small dense P (K ≤ ~50), solved with OSQP.
+
+    The OSQP workspace is kept between calls with the same shapes: later calls only update the
+    numbers and warm-start from the previous primal/dual solution. Polishing is on, and the
+    answer is then refined by an exact active-set solve in float64 (equality rows of A plus
+    the active lower bounds x ≥ l), which brings KKT residuals to round-off level.
+    """
+
+    def __init__(self, eps: float = 1e-9, max_iter: int = 10000):
+        self.settings = dict(eps_abs=eps, eps_rel=eps, eps_prim_inf=1e-12, eps_dual_inf=1e-12,
+                             max_iter=max_iter, polish=True, warm_starting=True, verbose=False)
+        self._solver = None
+        self._shape: tuple[int, int] | None = None
+        self._warm: tuple[np.ndarray, np.ndarray] | None = None
+
+    def solve(self, P: np.ndarray, A: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> QPResult:
+        import osqp
+
+        n, m = P.shape[0], A.shape[0]
+        P_data = _upper_data(P)
+        A_csc = _dense_csc(A)
+        if self._solver is None or self._shape != (n, m):
+            from scipy import sparse
+
+            indices, indptr = _upper_pattern(n)
+            P_csc = sparse.csc_matrix((P_data, indices, indptr), shape=(n, n))
+            self._solver = osqp.OSQP()
+            self._solver.setup(P=P_csc, q=np.zeros(n), A=A_csc, l=lower, u=upper, **self.settings)
+            self._shape, self._warm = (n, m), None
+        else:
+            self._solver.update(Px=P_data, Ax=A_csc.data, l=lower, u=upper)
+            if self._warm is not None:
+                self._solver.warm_start(x=self._warm[0], y=self._warm[1])
+        result = self._solver.solve()
+        x = np.asarray(result.x, dtype=float)
+        solved = result.info.status_val in (1, 2) and bool(np.all(np.isfinite(x)))
+        if solved:
+            self._warm = (x.copy(), np.asarray(result.y, dtype=float).copy())
+        else:
+            self._warm = None
+        return QPResult(x, solved, int(result.info.iter), False)
+
+
+def refine_active_set(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
+                      x: np.ndarray, tol: float = 1e-9) -> np.ndarray | None:
+    """Exact solution of min ½xᵀPx s.t. cᵀx = target (if c given), x ≥ lower, on x's active set.
+
+    The bounds active at ``x`` are fixed; the equality-constrained problem on the free
+    variables is solved through its KKT system with least squares (the minimum-norm solution
+    when P is singular, e.g. duplicated rewards share their weight evenly). Returns None when
+    the refined point is infeasible or its bound multipliers have the wrong sign, i.e. when
+    ``x`` did not identify the active set.
+    """
+    free = x > lower + tol * np.maximum(1.0, np.abs(lower))
+    if not free.any():
+        return None
+    fixed = ~free
+    xf = np.where(fixed, lower, 0.0)
+    n_free = int(free.sum())
+    rhs_top = -P[np.ix_(free, fixed)] @ xf[fixed]
+    if c is not None:
+        kkt = np.zeros((n_free + 1, n_free + 1))
+        kkt[:n_free, :n_free] = P[np.ix_(free, free)]
+        kkt[:n_free, n_free] = c[free]
+        kkt[n_free, :n_free] = c[free]
+        rhs = np.concatenate([rhs_top, [target - c[fixed] @ xf[fixed]]])
+    else:
+        kkt, rhs = P[np.ix_(free, free)], rhs_top
+    solution = np.linalg.lstsq(kkt, rhs, rcond=1e-13)[0]
+    refined = xf.copy()
+    refined[free] = solution[:n_free]
+    if not np.all(np.isfinite(refined)) or np.any(refined < lower - tol * np.maximum(1.0, np.abs(lower))):
+        return None
+    refined = np.maximum(refined, lower)
+    # Stationarity: P x + ν c − η = 0 with η ≥ 0 on the fixed bounds.
+    nu = -solution[n_free] if c is not None else 0.0
+    residual = P @ refined - (nu * c if c is not None else 0.0)
+    scale = max(1.0, float(np.abs(np.diag(P)).max()) * float(np.abs(refined).max()))
+    if np.any(np.abs(residual[free]) > 1e-7 * scale) or np.any(residual[fixed] < -1e-7 * scale):
+        return None
+    if c is not None and abs(c @ refined - target) > 1e-9 * max(1.0, abs(target)):
+        return None
+    return refined
+
+
+# ------------------------------------------------------------------- degenerate handling
+@dataclass
+class CleanGram:
+    """A sanitized Gram: the unit-diagonal matrix H = D G D over the active rewards."""
+
+    unit: np.ndarray          # (A, A) symmetric PSD, unit diagonal (A = number of active rewards)
+    active: np.ndarray        # (K,) bool: rewards taking part in the QP
+    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk) (0 where inactive)
+    flags: dict[str, bool] = field(default_factory=dict)
+
+
+def sanitize_gram(gram: np.ndarray) -> CleanGram:
+    """Remove what the QP cannot use, never raising.
+
+    Rows/columns with non-finite entries and (numerically) zero gradients are left out of the
+    QP (their λ is 0: a zero gradient neither helps nor conflicts, a broken one must not steer
+    the update); the rest is symmetrized, scaled to unit diagonal, and projected onto the PSD
+    cone when round-off made it indefinite.
+    """
+    k = gram.shape[0]
+    flags = {name: False for name in DEGENERATE_FLAGS}
+    finite_rows = np.isfinite(gram).all(axis=0) & np.isfinite(gram).all(axis=1)
+    flags["nonfinite"] = not finite_rows.all()
+    diag = np.where(finite_rows, np.diag(np.where(np.isfinite(gram), gram, 0.0)), 0.0)
+    largest = float(diag.max()) if k else 0.0
+    positive = diag > max(largest * ZERO_GRADIENT_RATIO, 0.0) if largest > 0 else np.zeros(k, bool)
+    active = finite_rows & positive
+    flags["zero_gradient"] = bool((finite_rows & ~positive).any())
+    norms = np.where(active, np.sqrt(np.where(active, diag, 0.0)), 0.0)
+    if not active.any():
+        flags["all_zero"] = True
+        return CleanGram(np.zeros((0, 0)), active, norms, flags)
+    sub = gram[np.ix_(active, active)]
+    sub = 0.5 * (sub + sub.T)
+    inv = 1.0 / norms[active]
+    unit = sub * inv[:, None] * inv[None, :]
+    eigenvalues, vectors = np.linalg.eigh(unit)
+    if eigenvalues[0] < 0.0:
+        flags["non_psd"] = bool(eigenvalues[0] < -NON_PSD_TOL)
+        eigenvalues = np.maximum(eigenvalues, 0.0)
+        unit = (vectors * eigenvalues) @ vectors.T
+        unit = 0.5 * (unit + unit.T)
+    flags["rank_deficient"] = bool(eigenvalues[0] < RANK_TOL * max(1.0, eigenvalues[-1]))
+    return CleanGram(unit, active, norms, flags)
+
+
+def _vertex_or_uniform_fallback(unit: np.ndarray, c: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """A defined answer when OSQP fails: the best of the feasible uniform point and vertices."""
+    n = unit.shape[0]
+    slack = 1.0 - c @ lower
+    candidates = [lower + slack * np.eye(n)[i] / c[i] for i in range(n)]
+    candidates.append(lower + slack / (n * c))
+    values = [x @ unit @ x for x in candidates]
+    return candidates[int(np.argmin(values))]
+
+
+# ---------------------------------------------------------------------------- min-norm QP
+@dataclass
+class MinNormResult:
+    lam: np.ndarray           # (K,) on the simplex (λ of the normalized problem when normalize="unit")
+    weights: np.ndarray       # (K,) loss weights on the raw gradients
+    metrics: dict[str, float]
+    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk), 0 for rewards left out of the QP
+    active: np.ndarray        # (K,) bool: rewards that took part in the QP
+
+
+def loss_weights(lam: np.ndarray, norms: np.ndarray, normalize: str) -> np.ndarray:
+    """Loss weights on the raw gradients (SPEC §1.7).
+
+    normalize="none": w = λ. normalize="unit": λ was solved for unit-norm gradients, so
+    w_k = s·λ_k/‖g_k‖ with s the mean norm of the active rewards (keeps the step's scale).
+    ``norms`` is 0 for rewards left out of the QP (zero or non-finite gradient).
+    """
+    active = norms > 0
+    if normalize == "none" or not active.any():
+        return lam.copy()
+    scale = float(norms[active].mean())
+    return np.where(active, scale * lam / np.where(active, norms, 1.0), 0.0)
+
+
+def kkt_residual(gram: np.ndarray, lam: np.ndarray, min_weight: float = 0.0) -> float:
+    """Relative KKT residual of min λᵀGλ on {λ ≥ λ_min, Σλ = 1} (0 at the exact optimum).
+
+    Optimality: (Gλ)_k = ν where λ_k > λ_min and (Gλ)_k ≥ ν where λ_k = λ_min; for λ_min = 0,
+    ν = λᵀGλ, so this also measures MGDA's (Gλ)_k ≥ λᵀGλ. Relative to λᵀGλ (floored at
+    1e-14·max G_kk for Pareto-stationary points where the optimum is 0).
+    """
+    gram_lam = gram @ lam
+    free = lam > min_weight + 1e-9
+    if not free.any():
+        return 0.0
+    nu = float(gram_lam[free].mean())
+    spread = float(np.abs(gram_lam[free] - nu).max())
+    below = float(np.maximum(nu - gram_lam[~free], 0.0).max()) if (~free).any() else 0.0
+    scale = max(abs(float(lam @ gram_lam)), 1e-14 * float(np.abs(np.diag(gram)).max()), 1e-300)
+    return max(spread, below) / scale
+
+
+class MinNormQP:
+    """The MGDA min-norm problem min λᵀGλ s.t. λ ≥ λ_min, Σλ = 1, with OSQP.
+
+    Solved in scaled variables μ = λ·‖g‖ (λ = Dμ, D = diag(1/‖g_k‖)): the Hessian D G D has
+    unit diagonal whatever the gradient norms, and the simplex row becomes Σ D_k μ_k = 1
+    (scaled to max coefficient 1), which OSQP's equilibration handles well. With
+    normalize="unit" the problem is the one of the unit-norm gradients (D G D, Σμ = 1).
+    """
+
+    def __init__(self, eps: float = 1e-9):
+        self.qp = DenseQP(eps=eps)
+
+    def solve(self, gram: np.ndarray, normalize: str = "none", min_weight: float = 0.0) -> MinNormResult:
+        k = gram.shape[0]
+        clean = sanitize_gram(gram)
+        flags = clean.flags
+        iterations = 0
+        if not clean.active.any():
+            lam = np.full(k, 1.0 / k)  # nothing to balance: a defined, finite answer
+        elif clean.active.sum() == 1:
+            lam = np.where(clean.active, 1.0, 0.0)
+        else:
+            norms = clean.norms[clean.active]
+            # Simplex row Σλ = 1 in μ (λ = c·μ), scaled to max coefficient 1; floor λ ≥ m ⇔ μ ≥ m/c.
+            c = 1.0 / norms if normalize == "none" else np.ones_like(norms)
+            c = c / c.max()
+            mu, iterations, flags["solver_fallback"] = self._solve_scaled(clean.unit, c, min_weight / c)
+            lam = np.zeros(k)
+            lam[clean.active] = mu * c
+        lam = _clean_simplex(lam, min_weight, clean.active)
+        weights = loss_weights(lam, clean.norms, normalize)
+        if not np.all(np.isfinite(weights)):
+            weights, flags["solver_fallback"] = lam.copy(), True
+        metrics = {f"balancer/{name}": float(value) for name, value in flags.items()}
+        metrics["balancer/degenerate"] = float(any(flags.values()))
+        metrics["balancer/qp_iterations"] = float(iterations)
+        metrics["balancer/active_rewards"] = float(clean.active.sum())
+        return MinNormResult(lam, weights, metrics, clean.norms, clean.active)
+
+    def _solve_scaled(self, unit: np.ndarray, c: np.ndarray, lower: np.ndarray
+                      ) -> tuple[np.ndarray, int, bool]:
+        """min μᵀHμ s.t. cᵀμ = 1, μ ≥ lower → (μ, OSQP iterations, fell back?)."""
+        n = unit.shape[0]
+        A = np.vstack([c[None, :], np.eye(n)])
+        lo = np.concatenate([[1.0], lower])
+        hi = np.concatenate([[1.0], np.full(n, np.inf)])
+        P = 2.0 * unit
+        result = self.qp.solve(P, A, lo, hi)
+        candidate = result.x if result.solved else _vertex_or_uniform_fallback(unit, c, lower)
+        candidate = np.maximum(candidate, lower)
+        refined = refine_active_set(P, c, 1.0, lower, candidate)
+        value = candidate @ unit @ candidate
+        if refined is not None and refined @ unit @ refined <= value + 1e-12 * max(1.0, value):
+            return refined, result.iterations, not result.solved
+        return candidate / (c @ candidate), result.iterations, not result.solved
+
+
+def _clean_simplex(lam: np.ndarray, min_weight: float, active: np.ndarray) -> np.ndarray:
+    """Clip round-off below the floor and renormalize to Σλ = 1 (inactive rewards keep 0)."""
+    lam = np.where(np.isfinite(lam), lam, 0.0)
+    floor = np.where(active, min_weight, 0.0) if active.any() else np.zeros_like(lam)
+    lam = np.maximum(lam, floor)
+    total = lam.sum()
+    if not total > 0:
+        return np.full_like(lam, 1.0 / lam.size)
+    return lam / total
+
+
+# --------------------------------------------------------------------------------- EMA etc.
+def ema_update(previous: np.ndarray | None, current: np.ndarray, rho: float) -> np.ndarray:
+    """λ_t = ρ·λ_{t−1} + (1−ρ)·λ*_t (a convex combination: stays on the simplex and above
+    any floor both satisfy). The first solve has no history and is taken as is."""
+    if previous is None:
+        return current.copy()
+    return rho * previous + (1.0 - rho) * current
+
+
+def warn_degenerate(name: str, metrics: dict[str, float]) -> None:
+    """One warning naming what was degenerate (Python shows each distinct message once)."""
+    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS)
+              if metrics.get(key, 0.0)]
+    if issues:
+        warnings.warn(f"balancer {name!r}: degenerate Gram matrix ({', '.join(issues)}); "
+                      "used a defined fallback on the simplex", RuntimeWarning, stacklevel=3)
+
+
+def to_tensor(values: np.ndarray) -> Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def uniform(num_rewards: int) -> Tensor:
+    return torch.full((num_rewards,), 1.0 / num_rewards, dtype=torch.float64)
+
+
+def state_tensor(state: dict[str, Tensor], key: str, shape: tuple[int, ...], where: str) -> Tensor:
+    """Fetch and validate one tensor of a balancer state dict (a resume with other rewards fails)."""
+    if key not in state:
+        raise MarbleError(f"{where}: checkpoint balancer state has no {key!r}; it was written by "
+                          "another balancer (resume with the same --balancer)")
+    value = torch.as_tensor(state[key]).detach().cpu().double()
+    if tuple(value.shape) != shape:
+        raise MarbleError(f"{where}: checkpoint {key!r} has shape {tuple(value.shape)} but this run "
+                          f"expects {shape}; resume with the same rewards")
+    return value
+
+
+def solve_period_due(step: int, every: int) -> bool:
+    """Periodic Gram mode (SPEC §1.6): solve on steps 0, n, 2n, …; reuse the weights between."""
+    if every < 1:
+        raise MarbleError(f"gram period must be ≥ 1, got {every}")
+    return step % every == 0
+
+
+def finite_or_uniform(weights: np.ndarray) -> np.ndarray:
+    """Never hand NaN weights to the trainer."""
+    if np.all(np.isfinite(weights)) and weights.sum() > 0:
+        return weights
+    return np.full(weights.shape, 1.0 / max(weights.size, 1))
+
+
+__all__ = [
+    "Balancer", "CleanGram", "DenseQP", "MinNormQP", "MinNormResult", "QPResult",
+    "as_gram_array", "check_gram_metric", "check_min_weight", "check_normalize",
+    "check_num_rewards", "ema_update", "finite_or_uniform", "kkt_residual", "loss_weights",
+    "refine_active_set", "sanitize_gram", "solve_period_due", "state_tensor", "to_tensor",
+    "uniform", "warn_degenerate",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks that a notebook or `marble bench` can run (library functions returning rows)."""
