@@ -1,0 +1,273 @@
+"""Prompt sets: loading, built-ins, the default manifest, the stratified sampler, the mask."""
+
+import io
+import json
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marble_kit.errors import MarbleError
+from marble_kit.prompts import (PromptSampler, PromptSet, applicability_mask, builtin_prompt_sets,
+                                load_manifest, load_prompt_file, load_prompt_sets, tagged_rewards)
+from marble_kit.rewards import quoted_text
+from marble_plugins import world
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def test_txt_skips_blank_lines_and_comments(tmp_path):
+    path = _write(tmp_path / "mine.txt", "# header\n\n  a red circle  \n#note\na cat # not a comment\n\n")
+    (prompt_set,) = load_prompt_file(path)
+    assert prompt_set.name == "mine" and prompt_set.rewards is None and prompt_set.weight == 1.0
+    assert prompt_set.prompts == ["a red circle", "a cat # not a comment"]
+
+
+def test_jsonl_groups_lines_by_their_reward_tags(tmp_path):
+    lines = [{"prompt": "a", "rewards": ["ocr"]}, {"prompt": "b"}, {"prompt": "c", "rewards": ["ocr"]},
+             {"prompt": "d", "rewards": ["color", "shape"], "id": 7}]
+    path = _write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    sets = load_prompt_file(path)
+    assert [(s.prompts, s.rewards) for s in sets] == [
+        (["a", "c"], ["ocr"]), (["b"], None), (["d"], ["color", "shape"])]
+    assert [s.name for s in sets] == ["p[ocr]", "p[all]", "p[color+shape]"]
+    assert sum(s.weight for s in sets) == pytest.approx(1.0)
+    assert sets[0].weight == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2 is not valid JSON"),
+    ('["a list"]', "line 2 is a JSON list"),
+    ('{"text": "no prompt key"}', 'line 2 has no non-empty string "prompt"'),
+    ('{"prompt": "x", "rewards": "ocr"}', '"rewards" must be a list'),
+])
+def test_bad_jsonl_line_names_file_and_line(tmp_path, line, message):
+    path = _write(tmp_path / "bad.jsonl", '{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(MarbleError, match=message) as info:
+        load_prompt_file(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_empty_missing_and_unsupported_files_are_clear_errors(tmp_path):
+    with pytest.raises(MarbleError, match="has no prompts"):
+        load_prompt_file(_write(tmp_path / "empty.txt", "# only a comment\n\n"))
+    with pytest.raises(MarbleError, match="does not exist"):
+        load_prompt_file(tmp_path / "missing.txt")
+    with pytest.raises(MarbleError, match="suffix '.csv'"):
+        load_prompt_file(_write(tmp_path / "p.csv", "a\n"))
+    with pytest.raises(MarbleError, match="neither a file nor a built-in set.*colors"):
+        load_prompt_sets(str(tmp_path / "nowhere.txt"))
+    with pytest.raises(MarbleError, match="no built-in prompt set 'builtin:nope'"):
+        load_prompt_sets("builtin:nope")
+
+
+# ------------------------------------------------------------------------- manifests, specs
+
+
+def test_manifest_resolves_paths_tags_weights_and_names(tmp_path):
+    _write(tmp_path / "a.txt", "one\ntwo\n")
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "sub" / "b.jsonl", '{"prompt": "x", "rewards": ["ocr"]}\n{"prompt": "y"}\n')
+    manifest = _write(tmp_path / "mix.toml", """
+[[prompt_set]]
+path = "a.txt"
+rewards = ["color"]
+weight = 2
+name = "first"
+
+[[prompt_set]]
+path = "sub/b.jsonl"
+
+[[prompt_set]]
+path = "builtin:words"
+rewards = ["word"]
+""")
+    sets = load_prompt_sets(str(manifest))
+    assert [s.name for s in sets] == ["first", "b[ocr]", "b[all]", "words"]
+    assert [s.rewards for s in sets] == [["color"], ["ocr"], None, ["word"]]
+    assert [s.weight for s in sets] == [2.0, 0.5, 0.5, 1.0]
+    assert sets[0].prompts == ["one", "two"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[prompt_set]]\npath = "a.txt"\nreward = ["x"]\n', "unknown key 'reward'"),
+    ('[[prompt_set]]\nrewards = ["x"]\n', 'has no "path"'),
+    ('[[prompt_set]]\npath = "gone.txt"\n', "gone.txt does not exist"),
+    ('[[prompt_set]]\npath = "a.txt"\nweight = 0\n', '"weight" must be a number > 0'),
+    ('[[prompt_set]]\npath = "a.txt"\nrewards = "color"\n', '"rewards" must be a list'),
+    ('sets = 1\n', "unknown key 'sets'"),
+    ('[[prompt_set]\n', "not valid TOML"),
+])
+def test_bad_manifest_is_a_clear_error(tmp_path, body, message):
+    _write(tmp_path / "a.txt", "one\n")
+    with pytest.raises(MarbleError, match=message):
+        load_manifest(_write(tmp_path / "m.toml", body))
+
+
+def test_tag_suffix_and_builtin_names(tmp_path, monkeypatch):
+    path = _write(tmp_path / "mine.txt", "a red circle\n")
+    (tagged,) = load_prompt_sets(f"{path}:color+sharpness")
+    assert tagged.rewards == ["color", "sharpness"]
+    by_prefix = load_prompt_sets("builtin:colors")
+    by_name = load_prompt_sets("colors")
+    assert by_prefix[0].prompts == by_name[0].prompts and by_name[0].name == "colors"
+    (ocr,) = load_prompt_sets("builtin:ocr:ocr")
+    assert ocr.rewards == ["ocr"]
+    # a plain name falls back to the built-in only when no such file exists
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "colors").mkdir()
+    assert load_prompt_sets("colors")[0].prompts == by_name[0].prompts
+    _write(tmp_path / "general.txt", "my own prompt\n")
+    assert load_prompt_sets("general.txt")[0].prompts == ["my own prompt"]
+
+
+# --------------------------------------------------------------------------- shipped sets
+
+
+def test_builtins_are_listed():
+    assert {"default", "colors", "shapes", "words", "world_eval", "ocr", "general"} <= set(builtin_prompt_sets())
+
+
+def test_default_manifest_has_specialist_sets_and_at_least_three_rewards():
+    sets = load_prompt_sets("default")
+    rewards = tagged_rewards(sets)
+    assert len(rewards) >= 3
+    # one reward judges every set (the global one) and each set has its own specialist reward
+    shared = [r for r in rewards if all(s.applies(r) for s in sets)]
+    assert shared == ["sharpness"]
+    specialists = [[r for r in s.rewards if r not in shared] for s in sets]
+    assert sorted(sum(specialists, [])) == ["color", "shape", "word"]
+
+
+def test_world_sets_use_the_world_vocabulary_and_hold_out_the_eval_prompts():
+    sets = {name: load_prompt_sets(name)[0].prompts for name in ("colors", "shapes", "words", "world_eval")}
+    for name, prompts in sets.items():
+        for prompt in prompts:
+            attributes = world.parse_prompt(prompt)
+            assert attributes["background"] is not None, prompt
+            assert attributes["word"] is not None or (attributes["color"] and attributes["shape"]), prompt
+    train = set(sets["colors"]) | set(sets["shapes"]) | set(sets["words"])
+    assert not train & set(sets["world_eval"])
+    assert len(train) == len(sets["colors"]) + len(sets["shapes"]) + len(sets["words"])
+    # every colour, shape and word is trained and evaluated
+    def named(prompts, attribute):
+        return {world.parse_prompt(p)[attribute] for p in prompts} - {None}
+
+    for prompts in (sets["colors"], sets["shapes"], sets["world_eval"]):
+        assert named(prompts, "color") == set(world.COLORS)
+        assert named(prompts, "shape") == set(world.SHAPES)
+    for prompts in (sets["words"], sets["world_eval"]):
+        assert named(prompts, "word") == set(world.WORDS)
+
+
+def test_ocr_and_general_sets():
+    ocr = load_prompt_sets("ocr")[0].prompts
+    general = load_prompt_sets("general")[0].prompts
+    assert len(ocr) >= 45 and len(general) >= 45
+    assert all(quoted_text(p) for p in ocr)
+    assert not any('"' in p for p in general)
+    assert len(set(ocr)) == len(ocr) and len(set(general)) == len(general)
+
+
+# --------------------------------------------------------------------------------- sampler
+
+
+def _sets(*sizes, weights=None):
+    weights = weights or [1.0] * len(sizes)
+    return [PromptSet(f"s{i}", [f"s{i}-p{j}" for j in range(n)], weight=w)
+            for i, (n, w) in enumerate(zip(sizes, weights))]
+
+
+def test_sampler_is_seeded():
+    sets = _sets(5, 7, 3)
+    assert PromptSampler(sets, 3).sample(40) == PromptSampler(sets, 3).sample(40)
+    assert PromptSampler(sets, 3).sample(40) != PromptSampler(sets, 4).sample(40)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4), seed=st.integers(0, 2**31),
+       rounds=st.integers(1, 5))
+def test_equal_weights_take_turns_and_each_pass_uses_every_prompt_once(sizes, seed, rounds):
+    sets = _sets(*sizes)
+    drawn = PromptSampler(sets, seed).sample(rounds * len(sets) * max(sizes))
+    indices = [i for _, i in drawn]
+    assert indices == list(range(len(sets))) * (len(indices) // len(sets))
+    for i, prompt_set in enumerate(sets):
+        mine = [p for p, s in drawn if s == i]
+        assert all(p in prompt_set.prompts for p in mine)
+        for start in range(0, len(mine) - len(prompt_set.prompts) + 1, len(prompt_set.prompts)):
+            assert sorted(mine[start:start + len(prompt_set.prompts)]) == sorted(prompt_set.prompts)
+
+
+def test_weights_set_the_share_of_draws_in_every_window():
+    sampler = PromptSampler(_sets(4, 4, 4, weights=[2.0, 1.0, 1.0]), seed=0)
+    for _ in range(10):
+        counts = Counter(i for _, i in sampler.sample(4))
+        assert counts == Counter({0: 2, 1: 1, 2: 1})
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       weights=st.lists(st.floats(0.1, 3.0), min_size=3, max_size=3),
+       before=st.integers(0, 30), after=st.integers(1, 30), seed=st.integers(0, 10_000))
+def test_resume_from_state_dict_is_bit_exact(sizes, weights, before, after, seed):
+    sets = _sets(*sizes, weights=weights[:len(sizes)])
+    reference = PromptSampler(sets, seed)
+    reference.sample(before)
+    state = reference.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # checkpoints store it with torch.save and load with weights_only
+    buffer.seek(0)
+    resumed = PromptSampler(sets, seed=999)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.sample(after) == reference.sample(after)
+
+
+def test_resume_with_other_sets_is_refused():
+    state = PromptSampler(_sets(3, 4), 0).state_dict()
+    with pytest.raises(MarbleError, match="prompt sets changed"):
+        PromptSampler(_sets(3, 5), 0).load_state_dict(state)
+
+
+def test_prompt_set_validation():
+    with pytest.raises(MarbleError, match="is empty"):
+        PromptSet("x", [])
+    with pytest.raises(MarbleError, match="weight"):
+        PromptSet("x", ["a"], weight=0.0)
+    with pytest.raises(MarbleError, match="no prompt sets"):
+        PromptSampler([], 0)
+
+
+# ----------------------------------------------------------------------------------- mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(tags=st.lists(st.one_of(st.none(), st.lists(st.sampled_from("abcd"), unique=True)),
+                     min_size=1, max_size=4),
+       data=st.data())
+def test_applicability_mask_matches_the_tags(tags, data):
+    sets = [PromptSet(f"s{i}", ["p"], t) for i, t in enumerate(tags)]
+    indices = data.draw(st.lists(st.integers(0, len(sets) - 1), max_size=12))
+    names = ["a", "b", "c", "d"]
+    mask = applicability_mask(torch.tensor(indices, dtype=torch.long), names, sets)
+    assert mask.shape == (4, len(indices)) and mask.dtype == torch.bool
+    for k, name in enumerate(names):
+        for b, i in enumerate(indices):
+            assert mask[k, b].item() == (tags[i] is None or name in tags[i])
+
+
+def test_applicability_mask_of_the_default_mixture():
+    sets = load_prompt_sets("default")
+    mask = applicability_mask([0, 1, 2, 2], ["color", "shape", "word", "sharpness"], sets)
+    assert mask.tolist() == [[True, False, False, False], [False, True, False, False],
+                             [False, False, True, True], [True, True, True, True]]
+    with pytest.raises(MarbleError, match="out of range"):
+        applicability_mask([3], ["color"], sets)
