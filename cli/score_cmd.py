@@ -47,7 +47,7 @@ def score(
         })
         return
     table = Table(title="marble score")
-    table.add_column("image")
+    table.add_column("image", overflow="fold")
     table.add_column("prompt", overflow="fold")
     for name in means:
         table.add_column(name, justify="right")

@@ -130,7 +130,7 @@ def score_tensors(rewards: dict[str, Reward], images: Sequence[torch.Tensor], pr
         batch_prompts = [prompts[i] for i in indices]
         for name, reward in rewards.items():
             scores = _run_reward(name, reward, batch, batch_prompts)
-            for index, value in zip(indices, scores.tolist()):
+            for index, value in zip(indices, scores.tolist(), strict=True):
                 results[index][name] = float(value)
     return results
 
@@ -144,7 +144,7 @@ def score_images(paths: Sequence[str | Path], rewards: Sequence[str], prompt: st
     files = find_images(paths)
     prompts = read_prompts(len(files), prompt, prompts_file)
     scores = score_tensors(built, [load_image(path) for path in files], prompts)
-    return [ScoredImage(str(path), text, row) for path, text, row in zip(files, prompts, scores)]
+    return [ScoredImage(str(path), text, row) for path, text, row in zip(files, prompts, scores, strict=True)]
 
 
 def mean_scores(rows: Sequence[ScoredImage]) -> dict[str, float]:

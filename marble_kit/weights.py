@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class WeightsSpec:
         source: public download location (URL), for the error message.
         hf_repo: Hugging Face repo id whose local cache may hold the weights.
         kind: ``"file"`` or ``"dir"``.
+        description: what the directory is, for messages (``"CLIP tokenizer directory"``).
     """
 
     reward: str
@@ -45,10 +47,11 @@ class WeightsSpec:
     source: str
     hf_repo: str | None = None
     kind: str = "file"
+    description: str = "model directory"
 
     def missing_message(self) -> str:
-        what = "weights file" if self.kind == "file" else "model directory with"
-        example = f"/path/{self.filename}" if self.kind == "file" else "/path/to/model_dir"
+        what = "weights file" if self.kind == "file" else f"{self.description} with"
+        example = f"/path/{self.filename}" if self.kind == "file" else "/path/to/dir"
         return (
             f"{self.reward}: {what} {self.filename} not found; download it from {self.source} "
             f"and pass --reward-opt {self.reward}.{self.option}={example} or set {self.env_var}"
@@ -95,7 +98,7 @@ def _check_candidate(spec: WeightsSpec, path: Path, origin: str) -> Path:
         return inside
     if spec.kind == "dir" and not (path / spec.filename).is_file():
         raise MarbleError(
-            f"{spec.reward}: {origin} {path} is not a model directory (no {spec.filename}); "
+            f"{spec.reward}: {origin} {path} is not a {spec.description} (no {spec.filename}); "
             f"pass a directory laid out like {spec.source}"
         )
     return path
@@ -128,10 +131,13 @@ def load_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
             return load_file(str(path), device="cpu")
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused is None:  # not a pickle at all
+            raise MarbleError(f"{what}: cannot read checkpoint {path} (corrupt or not a torch "
+                              "file); re-download it") from exc
         raise MarbleError(
-            f"{what}: {path} holds more than tensors and cannot be loaded safely "
-            f"(weights_only=True refused it: {str(exc).splitlines()[0]}); re-save it as a plain "
-            "state dict or safetensors"
+            f"{what}: {path} holds more than tensors ({refused.group(1)}) and cannot be loaded "
+            "safely with weights_only=True; re-save it as a plain state dict or safetensors"
         ) from exc
     except (OSError, RuntimeError, ValueError, EOFError) as exc:
         raise MarbleError(f"{what}: cannot read checkpoint {path}: {exc}; re-download it") from exc

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ TOKENIZER_SPEC = WeightsSpec(
     source="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     kind="dir",
+    description="CLIP tokenizer directory",
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -100,6 +102,48 @@ def clip_pixels(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if mode == "pad":
         return normalize(resize_longest_pad(images, size))
     raise ValueError(f"unknown preprocessing mode {mode!r} (crop or pad)")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports (we check missing keys ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(model_class: Any, path: Path, reward: str, source: str, **kwargs: Any) -> nn.Module:
+    """``model_class.from_pretrained(path)`` in eval mode; every weight must come from the file.
+
+    Extra keys (a text tower when only the vision tower is wanted) are fine; missing ones mean
+    the directory holds a different model, which would otherwise score with random weights.
+    """
+    try:
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MarbleError(
+            f"{reward}: cannot load {model_class.__name__} from {path}: {str(exc).splitlines()[0]}; "
+            f"pass a directory laid out like {source}"
+        ) from exc
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise MarbleError(
+            f"{reward}: {path} lacks weights for {missing[0]!r} ({len(missing)} missing); pass a "
+            f"complete checkpoint laid out like {source}"
+        )
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -201,8 +245,13 @@ def clip_config_from_open_clip(state: dict[str, torch.Tensor], arch: OpenClipArc
         max_position_embeddings=state["positional_embedding"].shape[0],
         hidden_act=activation, layer_norm_eps=1e-5,
     )
-    return CLIPConfig(text_config=text_config, vision_config=vision_config,
-                      projection_dim=state["text_projection"].shape[1])
+    vocab_size = text_config["vocab_size"]
+    # CLIP's BPE vocabulary ends with <|startoftext|>, <|endoftext|> (49406, 49407)
+    text_config.update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0)
+    projection_dim = state["text_projection"].shape[1]
+    return CLIPConfig(text_config={**text_config, "projection_dim": projection_dim},
+                      vision_config={**vision_config, "projection_dim": projection_dim},
+                      projection_dim=projection_dim)
 
 
 def _convert_block(state: dict[str, torch.Tensor], source: str, target: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_kit.rewards import Reward
 from marble_kit.weights import WeightsSpec, load_checkpoint, resolve_weights, state_dict_from
-from marble_plugins.rewards._clip import clip_pixels, torch_dtype
+from marble_plugins.rewards._clip import clip_pixels, load_pretrained, torch_dtype
 
 AESTHETIC_HEAD = WeightsSpec(
     reward="aesthetic",
@@ -97,17 +97,20 @@ def build_aesthetic(weights: str | None = None, clip: str | None = None, device:
         weights: the MLP head ``sac+logos+ava1-l14-linearMSE.pth`` (else ``MARBLE_AESTHETIC_WEIGHTS``).
         clip: ``openai/clip-vit-large-patch14`` directory (else ``MARBLE_AESTHETIC_CLIP`` or the HF cache).
     """
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
     head_path = resolve_weights(AESTHETIC_HEAD, weights)
     clip_dir = resolve_weights(AESTHETIC_CLIP, clip)
     head = aesthetic_mlp(state_dict_from(load_checkpoint(head_path, "aesthetic"), head_path, "aesthetic"))
+    # Only the vision tower + projection of the full CLIPModel checkpoint; the projection size
+    # lives in the top-level config (some configs lack it in vision_config).
     try:
-        vision = CLIPVisionModelWithProjection.from_pretrained(str(clip_dir)).eval()
+        config = CLIPConfig.from_pretrained(str(clip_dir))
     except (OSError, ValueError) as exc:
-        raise MarbleError(
-            f"aesthetic: cannot load CLIP from {clip_dir}: {exc}; pass the {AESTHETIC_CLIP.source} directory"
-        ) from exc
+        raise MarbleError(f"aesthetic: {clip_dir}/config.json is not a CLIP config: {exc}") from exc
+    config.vision_config.projection_dim = config.projection_dim
+    vision = load_pretrained(CLIPVisionModelWithProjection, clip_dir, "aesthetic",
+                             AESTHETIC_CLIP.source, config=config.vision_config)
     projection = vision.config.projection_dim
     if head.layers[0].in_features != projection:
         raise MarbleError(

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_kit.weights import WeightsSpec, load_checkpoint, resolve_weights, state_dict_from
 from marble_plugins.rewards._clip import (ClipCosineReward, ClipEncoders, TransformersClip,
-                                          load_clip_tokenizer, open_clip_encoders, torch_dtype)
+                                          load_clip_tokenizer, load_pretrained, open_clip_encoders,
+                                          torch_dtype)
 
 # (open_clip model, pretrained tag) → Hugging Face repo holding the same weights in HF format.
 HF_REPOS = {
@@ -55,11 +55,8 @@ def _resolve(weights: str | None, model: str, pretrained: str) -> Path:
 def _transformers_encoders(path: Path, tokenizer: str | None) -> ClipEncoders:
     from transformers import CLIPModel
 
-    try:
-        model = CLIPModel.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise MarbleError(f"clip: cannot load a CLIPModel from {path}: {exc}") from exc
-    return TransformersClip(model.eval(), load_clip_tokenizer(Path(tokenizer) if tokenizer else path))
+    model = load_pretrained(CLIPModel, path, "clip", "https://huggingface.co/openai/clip-vit-large-patch14")
+    return TransformersClip(model, load_clip_tokenizer(Path(tokenizer) if tokenizer else path))
 
 
 def build_clip(weights: str | None = None, model: str = "ViT-L-14", pretrained: str = "openai",

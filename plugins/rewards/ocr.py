@@ -71,7 +71,7 @@ class OcrReward(Reward):
 
     def score(self, images, prompts):
         scores = []
-        for image, prompt in zip(images, prompts):
+        for image, prompt in zip(images, prompts, strict=True):
             target = quoted_text(prompt)
             if target is None or not _squash(target):
                 scores.append(math.nan)  # nothing to read: the reward does not apply

@@ -17,7 +17,7 @@ from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_kit.weights import WeightsSpec, resolve_weights
 from marble_plugins.rewards._clip import (TOKENIZER_SPEC, ClipCosineReward, TransformersClip,
-                                          load_clip_tokenizer, torch_dtype)
+                                          load_clip_tokenizer, load_pretrained, torch_dtype)
 
 PICKSCORE_WEIGHTS = WeightsSpec(
     reward="pickscore",
@@ -59,13 +59,7 @@ def build_pickscore(weights: str | None = None, tokenizer: str | None = None, sc
 
     model_dir = resolve_weights(PICKSCORE_WEIGHTS, weights)
     tokenizer_obj = load_clip_tokenizer(_tokenizer_dir(model_dir, tokenizer))
-    try:
-        model = CLIPModel.from_pretrained(str(model_dir)).eval()
-    except (OSError, ValueError) as exc:
-        raise MarbleError(
-            f"pickscore: cannot load a CLIPModel from {model_dir}: {exc}; pass the PickScore_v1 "
-            f"directory from {PICKSCORE_WEIGHTS.source}"
-        ) from exc
+    model = load_pretrained(CLIPModel, model_dir, "pickscore", PICKSCORE_WEIGHTS.source)
     factor = float(model.logit_scale.detach().exp())
     if scale == "flow-grpo":
         factor /= FLOW_GRPO_DIVISOR
