@@ -10,8 +10,9 @@ the velocity ``v = noise - x0``. A policy holds three views of one network:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ class Rollout:
     prompts: list[str]
     x0: torch.Tensor          # [B, C, h, w] clean latents (what the loss regresses to)
     images: torch.Tensor      # [B, 3, H, W] decoded images, float in [0, 1], on the CPU
-    cond: Any                 # policy-specific conditioning, indexable with `select_cond`
+    cond: Any                 # policy-specific conditioning: `cond.index(rows)` selects samples
 
 
 @runtime_checkable
@@ -33,8 +34,9 @@ class Policy(Protocol):
     device: torch.device
 
     def sample(self, prompts: Sequence[str], generator: torch.Generator,
-               steps: int | None = None) -> Rollout:
-        """Sample one image per prompt with the old policy (prompts already repeated G times)."""
+               steps: int | None = None, use_old: bool = True) -> Rollout:
+        """Sample one image per prompt with the old policy (prompts already repeated G times);
+        ``use_old=False`` samples with the current trainable weights (evaluation)."""
 
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         """Conditioning for ``prompts`` (no grad)."""
@@ -62,8 +64,31 @@ class Policy(Protocol):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    def save_adapter(self, directory: str) -> None:
+    def save_adapter(self, directory: str) -> Any:
         """Write the LoRA adapter as safetensors that diffusers `load_lora_weights` accepts."""
+
+    def load_adapter(self, path: str) -> None:
+        """Load an adapter written by ``save_adapter`` into the trainable and old weights."""
+
+
+@contextmanager
+def offloaded(modules: Iterable[Any], device: torch.device | str, enabled: bool = True
+              ) -> Iterator[None]:
+    """Move ``modules`` (anything with ``.to``, e.g. nn.Modules or rewards) to ``device`` for the
+    block and back to the CPU after it: big components stay off the GPU while idle."""
+    modules = list(modules)
+    if not enabled:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def iter_lora_pairs(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, float]]:

@@ -1,0 +1,146 @@
+"""Does the tiny prior follow its prompts? Colour / shape accuracy and prompt-vs-noise variation.
+
+Used by the tests (on the shipped prior) and to write ``docs/tiny-sd3.md``::
+
+    python -m marble_plugins.policies.prior_eval --grid docs/img/tiny_prior_samples.png
+
+* colour accuracy: the dominant foreground colour (nearest world palette colour, majority vote
+  over pixels that differ from the border's median) equals the colour the prompt names;
+  chance is 1/6.
+* shape accuracy: the foreground's fill ratio of its bounding box (square 1.0, circle π/4,
+  triangle 0.5) classifies the shape; chance is 1/3.
+* variation: at fixed initial noise, the pixel std across prompts, versus at a fixed prompt,
+  the pixel std across noises. A prior that ignores its prompts has a ratio near 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from marble_plugins import world
+
+PALETTE_NAMES = list(world.COLORS)
+PALETTE = torch.tensor([world.COLORS[name] for name in PALETTE_NAMES], dtype=torch.float32) / 255
+SHAPE_FILL = {"square": 1.0, "circle": 3.14159 / 4, "triangle": 0.5}
+
+
+def color_prompts() -> list[str]:
+    """Every shape prompt of the world: 6 colours × 3 shapes × 3 backgrounds."""
+    return [world.Scene(color=c, shape=s, background=b).prompt()
+            for c in world.COLORS for s in world.SHAPES for b in world.BACKGROUNDS]
+
+
+def foreground_mask(image: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Pixels [H, W] far (RGB distance) from the median colour of the 2-pixel border."""
+    border = torch.cat([image[:, :2].reshape(3, -1), image[:, -2:].reshape(3, -1),
+                        image[:, :, :2].reshape(3, -1), image[:, :, -2:].reshape(3, -1)], dim=1)
+    background = border.median(dim=1).values.view(3, 1, 1)
+    return (image - background).norm(dim=0) > threshold
+
+
+def dominant_color(image: torch.Tensor, min_fraction: float = 0.02) -> str | None:
+    """The world colour most foreground pixels are nearest to (None without a foreground)."""
+    mask = foreground_mask(image)
+    if mask.float().mean() < min_fraction:
+        return None
+    pixels = image[:, mask].T                                  # [N, 3]
+    nearest = torch.cdist(pixels, PALETTE).argmin(dim=1)
+    return PALETTE_NAMES[int(torch.bincount(nearest, minlength=len(PALETTE)).argmax())]
+
+
+def shape_of(image: torch.Tensor, min_fraction: float = 0.02) -> str | None:
+    """Square / circle / triangle from the foreground's fill ratio of its bounding box."""
+    mask = foreground_mask(image)
+    if mask.float().mean() < min_fraction:
+        return None
+    rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = mask.sum().item() / box.item()
+    return min(SHAPE_FILL, key=lambda name: abs(SHAPE_FILL[name] - fill))
+
+
+@dataclass
+class PriorReport:
+    color_accuracy: float       # chance 1/6
+    shape_accuracy: float       # chance 1/3
+    prompt_std: float           # pixel std across prompts at fixed noise
+    noise_std: float            # pixel std across noises at a fixed prompt
+    variation_ratio: float      # prompt_std / noise_std
+    samples: int
+    seconds: float
+
+
+def fixed_noise_images(policy, prompts: list[str], noises: int, seed: int) -> torch.Tensor:
+    """Images [noises, prompts, 3, H, W]: row n uses the same initial noise for every prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(policy.latent_shape(noises), generator=generator)
+    rows = []
+    for n in range(noises):
+        noise = base[n:n + 1].expand(len(prompts), *base.shape[1:])
+        rows.append(policy.sample(prompts, generator, noise=noise).images)
+    return torch.stack(rows)
+
+
+def measure_prior(policy, noises: int = 4, seed: int = 0, prompts: list[str] | None = None
+                  ) -> tuple[PriorReport, torch.Tensor]:
+    """Accuracy and variation of ``policy``'s samples on the world's colour prompts."""
+    start = time.perf_counter()
+    prompts = prompts or color_prompts()
+    images = fixed_noise_images(policy, prompts, noises, seed)
+    wanted = [world.parse_prompt(p) for p in prompts]
+    flat = images.reshape(-1, *images.shape[2:])
+    targets = wanted * noises
+    colors = [dominant_color(image) == t["color"] for image, t in zip(flat, targets)]
+    shapes = [shape_of(image) == t["shape"] for image, t in zip(flat, targets)]
+    prompt_std = images.std(dim=1).mean().item()
+    noise_std = images.std(dim=0).mean().item()
+    report = PriorReport(
+        color_accuracy=sum(colors) / len(colors), shape_accuracy=sum(shapes) / len(shapes),
+        prompt_std=prompt_std, noise_std=noise_std, variation_ratio=prompt_std / noise_std,
+        samples=len(flat), seconds=time.perf_counter() - start)
+    return report, images
+
+
+def renders_accuracy(count: int = 300, seed: int = 0) -> dict[str, float]:
+    """The classifiers' accuracy on true renders (their ceiling, independent of any model)."""
+    import random
+
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng, "shape") for _ in range(count)]
+    images = [torch.from_numpy(world.render_array(scene)) for scene in scenes]
+    return {
+        "color": sum(dominant_color(i) == s.color for i, s in zip(images, scenes)) / count,
+        "shape": sum(shape_of(i) == s.shape for i, s in zip(images, scenes)) / count,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from marble_kit.images import save_grid
+    from marble_plugins.policies.sd3 import build_tiny_sd3
+
+    parser = argparse.ArgumentParser(description="Measure how well the tiny prior follows prompts.")
+    parser.add_argument("--path", default=None, help="prior directory (default: the shipped one)")
+    parser.add_argument("--noises", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="write a sample grid PNG here")
+    args = parser.parse_args(argv)
+    policy = build_tiny_sd3(path=args.path)
+    report, images = measure_prior(policy, noises=args.noises, seed=args.seed)
+    print(json.dumps({**asdict(report), "renders": renders_accuracy()}, indent=2))
+    if args.grid:
+        # one row per (colour, shape) on a rotating background, one column per noise
+        prompts = color_prompts()
+        picks = [i for i, p in enumerate(prompts) if (i // 3) % 3 == i % 3][:18]
+        grid = images[:, picks].transpose(0, 1).reshape(-1, *images.shape[2:])
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_grid(grid, args.grid, ncol=images.shape[0])
+
+
+if __name__ == "__main__":
+    main()
