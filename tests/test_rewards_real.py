@@ -180,6 +180,19 @@ def test_hps_loads_open_clip_checkpoint_and_matches_original(saved, tokenizer):
     assert (other_prompts - scores).abs().max() > 1e-5
 
 
+def test_hps_half_precision_checkpoint(saved, tokenizer, tmp_path):
+    """The distributed checkpoint is "compressed" (fp16): it loads into an fp32 model."""
+    state = {k: v.half() if v.is_floating_point() else v
+             for k, v in to_open_clip_state_dict(saved["hps_model"]).items()}
+    path = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": state}, path)
+    reward = build_hps(weights=str(path), tokenizer=str(saved["tokenizer_dir"]), backend="transformers")
+    assert next(reward.encoders.module.parameters()).dtype == torch.float32
+    images = _images(seed=3)
+    expected = _reference_cosine(saved["hps_model"], tokenizer, images, PROMPTS, "pad")
+    torch.testing.assert_close(reward(images, PROMPTS), expected, rtol=0, atol=2e-3)
+
+
 def test_hps_found_through_env_vars(saved, monkeypatch):
     monkeypatch.setenv("MARBLE_HPS_WEIGHTS", str(saved["hps_file"]))
     monkeypatch.setenv("MARBLE_CLIP_TOKENIZER", str(saved["tokenizer_dir"]))

@@ -330,7 +330,7 @@ def open_clip_to_hf(state: dict[str, torch.Tensor], arch: OpenClipArch, what: st
             "(`pip install marble-kit[open-clip]`) to load this architecture"
         )
     model = CLIPModel(config)
-    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True)
+    model.load_state_dict(converted, strict=True)  # copies, casting fp16 checkpoints to fp32
     return model.eval()
 
 
