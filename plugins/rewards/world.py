@@ -109,7 +109,7 @@ def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, tor
 def shape_templates(mask: torch.Tensor, edge: float = 0.5) -> torch.Tensor:
     """Soft templates ``[B, S, H, W]`` of every world shape (order ``world.SHAPES``) with the
     centroid and area of ``mask`` ``[B, H, W]``, drawn as ``world.render`` draws them."""
-    batch, h, w = mask.shape
+    h, w = mask.shape[-2:]
     ys, xs = _pixel_grid(h, w, mask.device)
     area = mask.sum(dim=(1, 2)).clamp_min(1e-6)
     cy = ((mask * ys).sum(dim=(1, 2)) / area).view(-1, 1, 1)
