@@ -149,7 +149,7 @@ class DenseQP:
 
     def __init__(self, eps: float = 1e-9, max_iter: int = 10000):
         self.settings = dict(eps_abs=eps, eps_rel=eps, eps_prim_inf=1e-12, eps_dual_inf=1e-12,
-                             max_iter=max_iter, polish=True, warm_starting=True, verbose=False)
+                             max_iter=max_iter, polishing=True, warm_starting=True, verbose=False)
         self._solver = None
         self._shape: tuple[int, int] | None = None
         self._warm: tuple[np.ndarray, np.ndarray] | None = None
@@ -172,7 +172,7 @@ class DenseQP:
             self._solver.update(Px=P_data, Ax=A_csc.data, l=lower, u=upper)
             if self._warm is not None:
                 self._solver.warm_start(x=self._warm[0], y=self._warm[1])
-        result = self._solver.solve()
+        result = self._solver.solve(raise_error=False)
         x = np.asarray(result.x, dtype=float)
         solved = result.info.status_val in (1, 2) and bool(np.all(np.isfinite(x)))
         if solved:
@@ -182,46 +182,84 @@ class DenseQP:
         return QPResult(x, solved, int(result.info.iter), False)
 
 
-def refine_active_set(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
-                      x: np.ndarray, tol: float = 1e-9) -> np.ndarray | None:
-    """Exact solution of min ½xᵀPx s.t. cᵀx = target (if c given), x ≥ lower, on x's active set.
+def _equality_qp_on_free(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
+                         free: np.ndarray) -> tuple[np.ndarray, float]:
+    """Minimizer of ½xᵀPx with x = lower off ``free`` (and cᵀx = target), and the multiplier ν.
 
-    The bounds active at ``x`` are fixed; the equality-constrained problem on the free
-    variables is solved through its KKT system with least squares (the minimum-norm solution
-    when P is singular, e.g. duplicated rewards share their weight evenly). Returns None when
-    the refined point is infeasible or its bound multipliers have the wrong sign, i.e. when
-    ``x`` did not identify the active set.
+    Least squares on the KKT system: the minimum-norm solution when P is singular, so
+    duplicated rewards share their weight evenly.
     """
-    free = x > lower + tol * np.maximum(1.0, np.abs(lower))
-    if not free.any():
-        return None
-    fixed = ~free
-    xf = np.where(fixed, lower, 0.0)
+    x = lower.copy()
     n_free = int(free.sum())
-    rhs_top = -P[np.ix_(free, fixed)] @ xf[fixed]
-    if c is not None:
-        kkt = np.zeros((n_free + 1, n_free + 1))
-        kkt[:n_free, :n_free] = P[np.ix_(free, free)]
-        kkt[:n_free, n_free] = c[free]
-        kkt[n_free, :n_free] = c[free]
-        rhs = np.concatenate([rhs_top, [target - c[fixed] @ xf[fixed]]])
-    else:
-        kkt, rhs = P[np.ix_(free, free)], rhs_top
+    fixed = ~free
+    rhs_top = -P[np.ix_(free, fixed)] @ x[fixed]
+    if c is None:
+        x[free] = np.linalg.lstsq(P[np.ix_(free, free)], rhs_top, rcond=1e-13)[0]
+        return x, 0.0
+    kkt = np.zeros((n_free + 1, n_free + 1))
+    kkt[:n_free, :n_free] = P[np.ix_(free, free)]
+    kkt[:n_free, n_free] = c[free]
+    kkt[n_free, :n_free] = c[free]
+    rhs = np.concatenate([rhs_top, [target - c[fixed] @ x[fixed]]])
     solution = np.linalg.lstsq(kkt, rhs, rcond=1e-13)[0]
-    refined = xf.copy()
-    refined[free] = solution[:n_free]
-    if not np.all(np.isfinite(refined)) or np.any(refined < lower - tol * np.maximum(1.0, np.abs(lower))):
-        return None
-    refined = np.maximum(refined, lower)
-    # Stationarity: P x + ν c − η = 0 with η ≥ 0 on the fixed bounds.
-    nu = -solution[n_free] if c is not None else 0.0
-    residual = P @ refined - (nu * c if c is not None else 0.0)
-    scale = max(1.0, float(np.abs(np.diag(P)).max()) * float(np.abs(refined).max()))
-    if np.any(np.abs(residual[free]) > 1e-7 * scale) or np.any(residual[fixed] < -1e-7 * scale):
-        return None
-    if c is not None and abs(c @ refined - target) > 1e-9 * max(1.0, abs(target)):
-        return None
-    return refined
+    x[free] = solution[:n_free]
+    return x, -float(solution[n_free])
+
+
+def _feasible_start(c: np.ndarray | None, target: float, lower: np.ndarray, x: np.ndarray) -> np.ndarray:
+    x = np.maximum(np.where(np.isfinite(x), x, lower), lower)
+    if c is None:
+        return x
+    excess = c @ (x - lower)
+    slack = target - c @ lower
+    if excess <= 0:
+        return lower + slack / (len(x) * c)
+    return lower + (x - lower) * (slack / excess)
+
+
+def refine_active_set(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
+                      x: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray | None:
+    """Exact min ½xᵀPx s.t. cᵀx = target (if c is given), x ≥ lower, by a primal active-set
+    method started from ``x`` (OSQP's answer: usually already optimal, then one KKT solve).
+
+    Each iteration solves the equality-constrained problem on the free variables, walks
+    towards it until a bound blocks, or — at a stationary point — releases the bound with the
+    most negative multiplier. Returns None if it does not verify optimality in ``max_iter``.
+    """
+    n = len(lower)
+    x = _feasible_start(c, target, lower, x)
+    bound_tol = tol * np.maximum(1.0, np.abs(lower))
+    free = x > lower + bound_tol
+    if not free.any():
+        free[int(np.argmax(x - lower))] = True
+    scale = max(1.0, float(np.abs(P).max()) * max(1.0, float(np.abs(x).max())))
+    for _ in range(max_iter):
+        target_x, nu = _equality_qp_on_free(P, c, target, lower, free)
+        if not np.all(np.isfinite(target_x)):
+            return None
+        step = target_x - x
+        if np.abs(step).max() <= 1e-12 * max(1.0, float(np.abs(x).max())):
+            gradient = P @ x - (nu * c if c is not None else 0.0)
+            multipliers = np.where(free, np.inf, gradient)
+            worst = int(np.argmin(multipliers))
+            if multipliers[worst] >= -1e-9 * scale:
+                return np.maximum(x, lower)
+            free[worst] = True  # releasing this bound lowers the objective
+            continue
+        blocking = free & (step < 0)
+        ratios = np.full(n, np.inf)
+        ratios[blocking] = (lower[blocking] - x[blocking]) / step[blocking]
+        alpha = min(1.0, float(ratios.min()))
+        x = x + alpha * step
+        if alpha < 1.0:
+            hit = int(np.argmin(ratios))
+            x[hit] = lower[hit]
+            free[hit] = False
+            if not free.any():
+                return None
+        else:
+            x = target_x
+    return None
 
 
 # ------------------------------------------------------------------- degenerate handling
@@ -308,18 +346,19 @@ def kkt_residual(gram: np.ndarray, lam: np.ndarray, min_weight: float = 0.0) -> 
     """Relative KKT residual of min λᵀGλ on {λ ≥ λ_min, Σλ = 1} (0 at the exact optimum).
 
     Optimality: (Gλ)_k = ν where λ_k > λ_min and (Gλ)_k ≥ ν where λ_k = λ_min; for λ_min = 0,
-    ν = λᵀGλ, so this also measures MGDA's (Gλ)_k ≥ λᵀGλ. Relative to λᵀGλ (floored at
-    1e-14·max G_kk for Pareto-stationary points where the optimum is 0).
+    ν = λᵀGλ, so this also measures MGDA's (Gλ)_k ≥ λᵀGλ. Each reward's violation is relative
+    to max(|ν|, Σ_l |G_kl|·λ_l), the size of the terms (Gλ)_k is made of, so the measure means
+    the same at any gradient scale and at Pareto-stationary points where the optimum is 0.
     """
     gram_lam = gram @ lam
+    magnitude = np.abs(gram) @ np.abs(lam)
     free = lam > min_weight + 1e-9
     if not free.any():
         return 0.0
     nu = float(gram_lam[free].mean())
-    spread = float(np.abs(gram_lam[free] - nu).max())
-    below = float(np.maximum(nu - gram_lam[~free], 0.0).max()) if (~free).any() else 0.0
-    scale = max(abs(float(lam @ gram_lam)), 1e-14 * float(np.abs(np.diag(gram)).max()), 1e-300)
-    return max(spread, below) / scale
+    scale = np.maximum(np.maximum(abs(nu), magnitude), 1e-300)
+    violation = np.where(free, np.abs(gram_lam - nu), np.maximum(nu - gram_lam, 0.0))
+    return float((violation / scale).max())
 
 
 class MinNormQP:
@@ -370,13 +409,17 @@ class MinNormQP:
         hi = np.concatenate([[1.0], np.full(n, np.inf)])
         P = 2.0 * unit
         result = self.qp.solve(P, A, lo, hi)
-        candidate = result.x if result.solved else _vertex_or_uniform_fallback(unit, c, lower)
-        candidate = np.maximum(candidate, lower)
-        refined = refine_active_set(P, c, 1.0, lower, candidate)
-        value = candidate @ unit @ candidate
-        if refined is not None and refined @ unit @ refined <= value + 1e-12 * max(1.0, value):
-            return refined, result.iterations, not result.solved
-        return candidate / (c @ candidate), result.iterations, not result.solved
+        # Even an unconverged OSQP iterate usually identifies the active set; the exact
+        # refinement then verifies it (KKT signs). Only an unverified answer is a fallback.
+        candidates = [result.x] if np.all(np.isfinite(result.x)) else []
+        candidates.append(_vertex_or_uniform_fallback(unit, c, lower))
+        for candidate in candidates:
+            candidate = np.maximum(candidate, lower)
+            refined = refine_active_set(P, c, 1.0, lower, candidate)
+            if refined is not None:
+                return refined, result.iterations, False
+        best = np.maximum(candidates[0], lower)
+        return best / (c @ best), result.iterations, not result.solved
 
 
 def _clean_simplex(lam: np.ndarray, min_weight: float, active: np.ndarray) -> np.ndarray:

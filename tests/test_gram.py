@@ -1,0 +1,242 @@
+"""Gram modes: `affine` equals `exact` on a peft-LoRA network; optimizer metric; diagnostics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from marble_kit import gram as gram_ops
+from marble_kit.balancing import MinNormQP
+from marble_kit.errors import MarbleError
+from marble_kit.nft import anchor_cotangent, anchor_loss, nft_cotangents, nft_loss_per_sample
+
+
+class TinyDiT(nn.Module):
+    """Per-sample token mixer: linear layers over [B, T, D], one of them applied twice."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, batch_norm: bool = False):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, hidden)
+        self.attn_q = nn.Linear(hidden, hidden)
+        self.attn_k = nn.Linear(hidden, hidden)
+        self.mlp = nn.Linear(hidden, hidden)
+        self.proj_out = nn.Linear(hidden, dim)
+        self.norm = nn.BatchNorm1d(hidden) if batch_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj_in(x))
+        scores = torch.softmax(self.attn_q(h) @ self.attn_k(h).transpose(1, 2) / 4.0, dim=-1)
+        h = h + scores @ h
+        h = h + torch.tanh(self.mlp(h))
+        h = h + torch.tanh(self.mlp(h))  # the same LoRA layer used twice in one forward
+        if self.norm is not None:
+            h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        return self.proj_out(h)
+
+
+def lora_network(seed: int = 0, dtype=torch.float64, batch_norm: bool = False, bias: bool = False):
+    torch.manual_seed(seed)
+    net = TinyDiT(batch_norm=batch_norm)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, lora_bias=bias,
+                        target_modules=["proj_in", "attn_q", "attn_k", "mlp", "proj_out"])
+    net = inject_adapter_in_model(config, net).to(dtype)
+    for name, param in net.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name and param.ndim == 2:
+            nn.init.normal_(param, std=0.2)  # peft starts B at 0; make every path non-trivial
+    return net, [p for p in net.parameters() if p.requires_grad]
+
+
+def nft_batch(batch: int, num_rewards: int, dtype, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, 6, 8)
+    draw = lambda: torch.randn(shape, generator=generator, dtype=dtype)  # noqa: E731
+    x0, noise, v_old, v_ref = draw(), draw(), draw(), draw()
+    t = torch.rand(batch, generator=generator, dtype=dtype) * 0.8 + 0.1
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
+    r = torch.rand(num_rewards, batch, generator=generator, dtype=dtype)
+    return x_t, x0, t, v_old, v_ref, r
+
+
+@pytest.mark.parametrize("num_rewards", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_affine_gram_and_fused_gradient_equal_exact(num_rewards, dtype, tolerance):
+    net, params = lora_network(seed=num_rewards, dtype=dtype, bias=num_rewards % 2 == 0)
+    x_t, x0, t, v_old, v_ref, r = nft_batch(5, num_rewards, dtype, seed=num_rewards)
+    beta, kl = 0.1, 1e-2
+
+    with gram_ops.LoraCapture(net) as capture:
+        v = net(x_t)
+    U, W = nft_cotangents(v, v_old, x_t, x0, t, beta)
+    extra = kl * anchor_cotangent(v, v_ref)
+    affine, anchor = gram_ops.per_reward_gradients_affine(v, U, W, r, capture, params, extra=extra)
+
+    v = net(x_t)
+    losses = [nft_loss_per_sample(v, v_old, x_t, x0, t, r[k], beta).mean() for k in range(num_rewards)]
+    exact = gram_ops.per_reward_gradients_exact(losses + [kl * anchor_loss(v, v_ref)], params)
+
+    scale = exact.abs().max()
+    assert scale > 0
+    assert (affine - exact[:-1]).abs().max() <= tolerance * scale
+    assert (anchor - exact[-1]).abs().max() <= tolerance * max(exact[-1].abs().max(), 1e-30)
+    gram_affine, gram_exact = gram_ops.gram_matrix(affine), gram_ops.gram_matrix(exact[:-1])
+    assert (gram_affine - gram_exact).abs().max() <= 10 * tolerance * gram_exact.abs().max()
+
+    # The fused gradient Σ w_k g_k equals one backward on (Σw)·L(r_eff), r_eff = Σ (w_k/Σw) r_k.
+    weights = torch.as_tensor(MinNormQP().solve(gram_affine.numpy(), "unit").weights).to(dtype)
+    fused = gram_ops.fused_gradient(affine, weights)
+    r_eff = (weights[:, None] * r).sum(0) / weights.sum()
+    net.zero_grad()
+    v = net(x_t)
+    (weights.sum() * nft_loss_per_sample(v, v_old, x_t, x0, t, r_eff, beta).mean()).backward()
+    single = torch.cat([p.grad.reshape(-1) for p in params])
+    assert (fused - single).abs().max() <= tolerance * single.abs().max()
+
+
+def test_affine_without_anchor_and_flat_order_follows_params():
+    net, params = lora_network()
+    x_t, x0, t, v_old, _, r = nft_batch(3, 2, torch.float64)
+    reordered = params[::-1]
+    with gram_ops.LoraCapture(net) as capture:
+        v = net(x_t)
+    U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0)
+    grads, anchor = gram_ops.per_reward_gradients_affine(v, U, W, r, capture, reordered)
+    assert anchor is None
+    v = net(x_t)
+    losses = [nft_loss_per_sample(v, v_old, x_t, x0, t, r[k], 1.0).mean() for k in range(2)]
+    torch.testing.assert_close(grads, gram_ops.per_reward_gradients_exact(losses, reordered))
+
+
+def test_affine_refuses_batch_norm_and_non_lora_parameters():
+    net, _ = lora_network(batch_norm=True)
+    with pytest.raises(MarbleError, match="batch-norm"):
+        gram_ops.refuse_cross_sample_ops(net)
+    with pytest.raises(MarbleError, match="--gram exact"):
+        with gram_ops.LoraCapture(net):
+            pass
+    net.eval()  # running statistics: samples no longer interact
+    gram_ops.refuse_cross_sample_ops(net)
+
+    with pytest.raises(MarbleError, match="no active trainable LoRA"):
+        with gram_ops.LoraCapture(TinyDiT()):
+            pass
+
+    net, params = lora_network()
+    extra_param = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    x_t, x0, t, v_old, _, r = nft_batch(2, 2, torch.float64)
+    with gram_ops.LoraCapture(net) as capture:
+        v = net(x_t)
+    U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0)
+    with pytest.raises(MarbleError, match="not a LoRA factor"):
+        gram_ops.per_reward_gradients_affine(v, U, W, r, capture, params + [extra_param])
+    with pytest.raises(MarbleError, match=r"r must be \[K, 2\]"):
+        gram_ops.per_reward_gradients_affine(v, U, W, r[:, :1], capture, params)
+
+
+def test_exact_gradients_of_a_constant_loss_are_zero():
+    _, params = lora_network()
+    grads = gram_ops.per_reward_gradients_exact([torch.tensor(1.0)], params)
+    assert grads.shape == (1, gram_ops.flat_size(params)) and not grads.any()
+
+
+def test_write_flat_grad_round_trip_and_accumulate():
+    _, params = lora_network()
+    flat = torch.arange(gram_ops.flat_size(params), dtype=torch.float64)
+    gram_ops.write_flat_grad(params, flat)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), flat)
+    gram_ops.write_flat_grad(params, flat, accumulate=True)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), 2 * flat)
+    with pytest.raises(MarbleError, match="entries"):
+        gram_ops.write_flat_grad(params, flat[:-1])
+
+
+# ------------------------------------------------------------------------ optimizer metric
+def adam_after_steps(steps: int, betas=(0.9, 0.999), amsgrad=False):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, dtype=torch.float64)), nn.Parameter(torch.randn(2, 3, dtype=torch.float64))]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, betas=betas, amsgrad=amsgrad)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p) * 3
+        optimizer.step()
+    return params, optimizer
+
+
+def test_metric_gram_is_euclidean_before_the_first_step():
+    params, optimizer = adam_after_steps(0)
+    grads = torch.randn(3, 11, dtype=torch.float64)
+    for metric in ("euclidean", "adam", "adam-momentum"):
+        expected = gram_ops.gram_matrix(grads) * (0.1 ** 2 if metric == "adam-momentum" else 1.0)
+        torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, metric), expected)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_metric_gram_uses_adams_bias_corrected_preconditioner_and_momentum(amsgrad):
+    params, optimizer = adam_after_steps(4, amsgrad=amsgrad)
+    grads = torch.randn(3, 11, dtype=torch.float64)
+    key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+    v_hat = torch.cat([optimizer.state[p][key].reshape(-1) for p in params]) / (1 - 0.999 ** 4)
+    precond = 1.0 / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam"),
+                               (grads * precond) @ grads.T)
+    m = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in params])
+    shifted = 0.9 * m + 0.1 * grads
+    torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum"),
+                               (shifted * precond) @ shifted.T)
+    with pytest.raises(MarbleError, match="Adam"):
+        gram_ops.metric_gram(grads, torch.optim.SGD(params, lr=0.1), params, "adam")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 6), st.floats(0.0, 0.99))
+def test_momentum_aware_weights_balance_the_actual_adam_step(seed, num_rewards, beta1):
+    """For λ from the adam-momentum Gram, the (first-order) Adam step u = P(β1·m + (1−β1)·d)
+    satisfies ⟨g_k, u⟩ ≥ ⟨d, u⟩ for every reward: no reward is less aligned with the step
+    than the fused gradient (equality on the support)."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = 9
+    grads = torch.randn(num_rewards, dim, generator=generator, dtype=torch.float64)
+    param = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    optimizer = torch.optim.Adam([param], betas=(beta1, 0.99))
+    for _ in range(3):  # build up a momentum that disagrees with today's gradients
+        param.grad = torch.randn(dim, generator=generator, dtype=torch.float64) * 2
+        optimizer.step()
+    gram = gram_ops.metric_gram(grads, optimizer, [param], "adam-momentum")
+    lam = torch.as_tensor(MinNormQP().solve(gram.numpy()).lam)
+    fused = lam @ grads
+    state = optimizer.state[param]
+    precond = 1.0 / ((state["exp_avg_sq"] / (1 - 0.99 ** 3)).sqrt() + 1e-8)
+    step = precond * (beta1 * state["exp_avg"] + (1 - beta1) * fused)
+    alignments = grads @ step
+    tolerance = 1e-7 * (grads.abs() @ step.abs())
+    assert torch.all(alignments >= fused @ step - tolerance)
+
+
+# ---------------------------------------------------------------------------- diagnostics
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6))
+def test_cosine_diagnostics_match_explicit_cosines(seed, num_rewards):
+    generator = torch.Generator().manual_seed(seed)
+    grads = torch.randn(num_rewards, 7, generator=generator, dtype=torch.float64)
+    weights = torch.rand(num_rewards, generator=generator, dtype=torch.float64)
+    fused = weights @ grads
+    expected = torch.nn.functional.cosine_similarity(grads, fused[None, :], dim=1)
+    diag = gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), weights)
+    torch.testing.assert_close(diag["cos"], expected)
+    assert diag["worst"] == pytest.approx(float(expected.min()))
+    assert diag["worst_index"] == int(expected.argmin())
+    torch.testing.assert_close(gram_ops.update_cosines(grads, fused), expected)
+    # MGDA's λ never conflicts with a reward: worst cosine ≥ 0 (SPEC §1.8).
+    lam = torch.as_tensor(MinNormQP().solve(gram_ops.gram_matrix(grads).numpy()).lam)
+    assert gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), lam)["worst"] >= -1e-6
+
+
+def test_cosines_of_zero_vectors_are_zero():
+    grads = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    assert gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), torch.tensor([0.0, 1.0]))["cos"].tolist() == [0.0, 0.0]
+    assert gram_ops.update_cosines(grads, torch.zeros(2)).tolist() == [0.0, 0.0]
