@@ -64,6 +64,9 @@ def build_components(config: TrainConfig) -> Components:
                 )
     balancer = build("balancer", config.balancer, config.balancer_options, len(config.rewards))
     policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    reward_device = policy.device if config.reward_device == "policy" else torch.device(config.reward_device)
+    for reward in rewards:
+        reward.to(reward_device)
     return Components(policy, rewards, list(config.rewards), balancer, prompt_sets)
 
 
