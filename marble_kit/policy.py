@@ -33,10 +33,14 @@ class Policy(Protocol):
     name: str
     device: torch.device
 
-    def sample(self, prompts: Sequence[str], generator: torch.Generator,
-               steps: int | None = None, use_old: bool = True) -> Rollout:
-        """Sample one image per prompt with the old policy (prompts already repeated G times);
-        ``use_old=False`` samples with the current trainable weights (evaluation)."""
+    def sample(self, prompts: Sequence[str], generator: torch.Generator, steps: int | None = None,
+               use_old: bool = True, noise: torch.Tensor | None = None) -> Rollout:
+        """One image per prompt (prompts already repeated G times) with the old policy, or with
+        the current trainable weights when ``use_old`` is False (evaluation); ``noise`` fixes
+        the initial latents (shape ``latent_shape(len(prompts))``)."""
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the initial noise for ``batch`` images."""
 
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         """Conditioning for ``prompts`` (no grad)."""

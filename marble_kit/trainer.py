@@ -104,8 +104,12 @@ class Trainer:
             self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.weight_decay,
         )
-        self.sampler = PromptSampler(self.components.prompt_sets, seed=cfg.seed + 7919 * self.dist.rank)
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000003 + self.dist.rank)
+        if cfg.prompts_per_step % self.dist.world_size:
+            raise MarbleError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the "
+                              f"number of processes ({self.dist.world_size}); groups stay whole on one rank")
+        # The same seeds on every rank: each rank draws the global batch and keeps its slice.
+        self.sampler = PromptSampler(self.components.prompt_sets, seed=cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
         if self.uses_gram and self.gram_mode_for(0) == "affine":
@@ -151,14 +155,18 @@ class Trainer:
     def _fold_timesteps(self, rollout, r: torch.Tensor) -> TrainBatch:
         """T noisy versions x_t = (1−t)·x0 + t·ε of every image (SPEC §1.4)."""
         cfg = self.config
-        batch = rollout.x0.shape[0]
+        batch, world, rank = rollout.x0.shape[0], self.dist.world_size, self.dist.rank
         repeats = cfg.timesteps_per_image
         rows = torch.arange(batch).repeat(repeats)
-        x0 = rollout.x0[rows]
+        # t and ε for the global rows (timestep-major, like a single process), then this rank's.
+        global_rows = (torch.arange(repeats).repeat_interleave(batch) * batch * world
+                       + rank * batch + torch.arange(batch).repeat(repeats))
         t = cfg.timestep_min + (cfg.timestep_max - cfg.timestep_min) * torch.rand(
-            x0.shape[0], generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
-        x0, t, noise = x0.to(self.policy.device), t.to(self.policy.device), noise.to(self.policy.device)
+            batch * world * repeats, generator=self.generator)
+        noise = torch.randn((batch * world * repeats, *rollout.x0.shape[1:]), generator=self.generator)
+        t, noise = t[global_rows], noise[global_rows]
+        x0 = rollout.x0[rows].to(self.policy.device)
+        t, noise = t.to(self.policy.device), noise.to(self.policy.device)
         t_b = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - t_b) * x0 + t_b * noise.to(x0.dtype)
         cond = rollout.cond.index(rows)
@@ -244,13 +252,20 @@ class Trainer:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        # 1. Rollout: G images per prompt from the old policy (SPEC §1.1).
-        drawn = self.sampler.sample(cfg.prompts_per_step)
+        # 1. Rollout: G images per prompt from the old policy (SPEC §1.1). Prompts and noise are
+        #    drawn for the global batch on every rank, each rank keeps its slice: the same config
+        #    gives the same math on any number of processes.
+        world, rank = self.dist.world_size, self.dist.rank
+        per_rank = cfg.prompts_per_step // world
+        drawn = self.sampler.sample(cfg.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
         prompts = [p for p, _ in drawn for _ in range(cfg.images_per_prompt)]
         set_ids = torch.tensor([s for _, s in drawn for _ in range(cfg.images_per_prompt)])
         group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.images_per_prompt)
+        noise = torch.randn(self.policy.latent_shape(len(prompts) * world), generator=self.generator)
+        noise = noise[rank * len(prompts):(rank + 1) * len(prompts)]
         with torch.no_grad():
-            rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps)
+            rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps,
+                                         noise=noise)
         timings["time/rollout"] = time.perf_counter() - clock
 
         # 2. Rewards R [K, B], NaN where a reward does not judge a sample (SPEC §1.2).
