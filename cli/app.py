@@ -24,6 +24,7 @@ def _root() -> None:
 COMMAND_MODULES = (
     "marble_cli.train_cmd",
     "marble_cli.eval_cmd",
+    "marble_cli.bench_cmd",
     "marble_cli.plot_cmd",
     "marble_cli.plugins_cmd",
     "marble_cli.score_cmd",

@@ -147,9 +147,11 @@ class DenseQP:
     the active lower bounds x ≥ l), which brings KKT residuals to round-off level.
     """
 
-    def __init__(self, eps: float = 1e-9, max_iter: int = 10000):
-        self.settings = dict(eps_abs=eps, eps_rel=eps, eps_prim_inf=1e-12, eps_dual_inf=1e-12,
-                             max_iter=max_iter, polishing=True, warm_starting=True, verbose=False)
+    def __init__(self, eps: float = 1e-9, max_iter: int = 10000, polish: bool = True):
+        # polish=False for problems whose optimum often has no active constraint: OSQP's C code
+        # then prints "Polishing not needed" even with verbose off (refine_active_set is exact anyway).
+        self.settings = {"eps_abs": eps, "eps_rel": eps, "eps_prim_inf": 1e-12, "eps_dual_inf": 1e-12,
+                         "max_iter": max_iter, "polishing": polish, "warm_starting": True, "verbose": False}
         self._solver = None
         self._shape: tuple[int, int] | None = None
         self._warm: tuple[np.ndarray, np.ndarray] | None = None

@@ -17,8 +17,8 @@ update (:func:`update_cosines`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +117,7 @@ class LoraCapture:
     calls: list[_LinearCall] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
-    def __enter__(self) -> "LoraCapture":
+    def __enter__(self) -> LoraCapture:  # noqa: PYI034 (Python 3.10: no typing.Self)
         refuse_cross_sample_ops(self.module)
         factors = []
         for name, lora_a, lora_b, _scaling in iter_lora_pairs(self.module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +12,12 @@ from torch import nn
 from marble_kit import gram as gram_ops
 from marble_kit.balancing import MinNormQP
 from marble_kit.errors import MarbleError
-from marble_kit.nft import anchor_cotangent, anchor_loss, nft_cotangents, nft_loss_per_sample
+from marble_kit.nft import (
+    anchor_cotangent,
+    anchor_loss,
+    nft_cotangents,
+    nft_loss_per_sample,
+)
 
 
 class TinyDiT(nn.Module):
@@ -55,7 +59,7 @@ def lora_network(seed: int = 0, dtype=torch.float64, batch_norm: bool = False, b
 def nft_batch(batch: int, num_rewards: int, dtype, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, 6, 8)
-    draw = lambda: torch.randn(shape, generator=generator, dtype=dtype)  # noqa: E731
+    draw = lambda: torch.randn(shape, generator=generator, dtype=dtype)
     x0, noise, v_old, v_ref = draw(), draw(), draw(), draw()
     t = torch.rand(batch, generator=generator, dtype=dtype) * 0.8 + 0.1
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
@@ -116,15 +120,13 @@ def test_affine_refuses_batch_norm_and_non_lora_parameters():
     net, _ = lora_network(batch_norm=True)
     with pytest.raises(MarbleError, match="batch-norm"):
         gram_ops.refuse_cross_sample_ops(net)
-    with pytest.raises(MarbleError, match="--gram exact"):
-        with gram_ops.LoraCapture(net):
-            pass
+    with pytest.raises(MarbleError, match="--gram exact"), gram_ops.LoraCapture(net):
+        pass
     net.eval()  # running statistics: samples no longer interact
     gram_ops.refuse_cross_sample_ops(net)
 
-    with pytest.raises(MarbleError, match="no active trainable LoRA"):
-        with gram_ops.LoraCapture(TinyDiT()):
-            pass
+    with pytest.raises(MarbleError, match="no active trainable LoRA"), gram_ops.LoraCapture(TinyDiT()):
+        pass
 
     net, params = lora_network()
     extra_param = nn.Parameter(torch.zeros(3, dtype=torch.float64))

@@ -107,7 +107,13 @@ def optimizer_conflict_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam"
     """
     import torch
 
-    from marble_kit.gram import cosine_diagnostics, gram_matrix, metric_gram, update_cosines, write_flat_grad
+    from marble_kit.gram import (
+        cosine_diagnostics,
+        gram_matrix,
+        metric_gram,
+        update_cosines,
+        write_flat_grad,
+    )
 
     rows = []
     for metric in metrics:

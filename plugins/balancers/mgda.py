@@ -5,9 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from marble_kit.balancing import (MinNormQP, MinNormResult, as_gram_array, check_gram_metric, check_min_weight,
-                                  check_normalize, check_num_rewards, state_tensor, to_tensor,
-                                  uniform, warn_degenerate)
+from marble_kit.balancing import (
+    MinNormQP,
+    MinNormResult,
+    as_gram_array,
+    check_gram_metric,
+    check_min_weight,
+    check_normalize,
+    check_num_rewards,
+    state_tensor,
+    to_tensor,
+    uniform,
+    warn_degenerate,
+)
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 

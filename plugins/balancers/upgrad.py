@@ -14,9 +14,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from marble_kit.balancing import (DenseQP, as_gram_array, check_normalize, check_num_rewards,
-                                  finite_or_uniform, refine_active_set, sanitize_gram,
-                                  state_tensor, to_tensor, uniform, warn_degenerate)
+from marble_kit.balancing import (
+    DenseQP,
+    as_gram_array,
+    check_normalize,
+    check_num_rewards,
+    finite_or_uniform,
+    refine_active_set,
+    sanitize_gram,
+    state_tensor,
+    to_tensor,
+    uniform,
+    warn_degenerate,
+)
 from marble_kit.hookspecs import hookimpl
 
 
@@ -51,7 +61,7 @@ class UPGrad:
         where = f"balancer {self.name!r}"
         self.num_rewards = check_num_rewards(num_rewards, where)
         self.normalize = check_normalize(normalize, where)
-        self.qp = DenseQP()
+        self.qp = DenseQP(polish=False)  # bound-only QPs: see DenseQP
         self.lam = uniform(num_rewards)
         self.degenerate_steps = 0
         self.metrics: dict[str, float] = {}
