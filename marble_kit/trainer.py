@@ -112,6 +112,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
+        self.clip_scale = 1.0
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
 
@@ -294,9 +295,12 @@ class Trainer:
             gram = gram_ops.gram_matrix(grads)
             metric = getattr(self.balancer, "gram_metric", "euclidean")
             solve_gram = gram if metric == "euclidean" else gram_ops.metric_gram(
-                grads, self.optimizer, self.params, metric=metric)
+                grads, self.optimizer, self.params, metric=metric, grad_scale=self.clip_scale)
             weights = self.balancer.weights(solve_gram, step).to(grads)
-            fused = weights @ grads
+            # A reward with a non-finite gradient gets weight 0 from the balancer; keep its NaNs
+            # out of the fused gradient too (0·NaN = NaN).
+            finite = torch.isfinite(grads).all(dim=1)
+            fused = weights[finite] @ grads[finite]
             gram_ops.write_flat_grad(self.params, fused + anchor)
             metrics.update(self._gradient_diagnostics(gram, weights))
         else:
@@ -314,6 +318,9 @@ class Trainer:
         before = [p.detach().clone() for p in self.params] if grads is not None else None
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.sqrt(sum(p.grad.pow(2).sum() for p in self.params if p.grad is not None)))
+        # How much clipping shrank this step's gradient: the momentum-aware Gram of the next
+        # step compares raw per-reward gradients with momentum built from clipped ones.
+        self.clip_scale = min(1.0, cfg.grad_clip / max(float(grad_norm), 1e-12)) if cfg.grad_clip > 0 else 1.0
         self.optimizer.step()
         if before is not None:
             delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
@@ -358,6 +365,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "loss_weights": self.loss_weights,
+            "clip_scale": torch.tensor(self.clip_scale, dtype=torch.float64),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
         }
@@ -368,6 +376,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.balancer.load_state_dict(state["balancer"])
         self.loss_weights = state["loss_weights"]
+        self.clip_scale = float(state["clip_scale"])
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
 
