@@ -136,6 +136,12 @@ class Trainer:
             return self.config.gram_solver if solve else "reuse"
         return "affine" if mode == "none" else mode  # `none` with a Gram-hungry balancer
 
+    def _clock(self) -> float:
+        """Wall time for the step timings; waits for queued GPU work so each phase owns its time."""
+        if self.policy.device.type == "cuda":
+            torch.cuda.synchronize(self.policy.device)
+        return time.perf_counter()
+
     def old_decay(self, step: int) -> float:
         return min(self.config.old_decay_rate * step, self.config.old_decay_max)
 
@@ -251,7 +257,7 @@ class Trainer:
     def step(self) -> dict[str, Any]:
         cfg, step = self.config, self.step_count
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        clock = self._clock()
 
         # 1. Rollout: G images per prompt from the old policy (SPEC §1.1). Prompts and noise are
         #    drawn for the global batch on every rank, each rank keeps its slice: the same config
@@ -267,13 +273,13 @@ class Trainer:
         with torch.no_grad():
             rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps,
                                          noise=noise)
-        timings["time/rollout"] = time.perf_counter() - clock
+        timings["time/rollout"] = self._clock() - clock
 
         # 2. Rewards R [K, B], NaN where a reward does not judge a sample (SPEC §1.2).
-        clock = time.perf_counter()
+        clock = self._clock()
         rewards = self._score(rollout.images, prompts, set_ids)
-        timings["time/rewards"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        timings["time/rewards"] = self._clock() - clock
+        clock = self._clock()
 
         # 3. Per-reward advantages → reward probabilities r [K, B] (SPEC §1.3).
         gathered, gathered_groups = self.dist.gather_rewards(rewards, group_ids)
@@ -283,6 +289,7 @@ class Trainer:
 
         # 4. Training rows: T timesteps per image, old and reference velocities (SPEC §1.4).
         batch = self._fold_timesteps(rollout, r)
+        gradient_clock = self._clock()  # time/gradient_step: gradients, balancing, optimizer
 
         # 5-7. Per-reward gradients, Gram, balancer, one fused update (SPEC §1.5-1.7).
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,6 +329,7 @@ class Trainer:
         # step compares raw per-reward gradients with momentum built from clipped ones.
         self.clip_scale = min(1.0, cfg.grad_clip / max(float(grad_norm), 1e-12)) if cfg.grad_clip > 0 else 1.0
         self.optimizer.step()
+        timings["time/gradient_step"] = self._clock() - gradient_clock
         if before is not None:
             delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
             cos_update = gram_ops.update_cosines(grads, -delta.to(grads))
@@ -331,7 +339,7 @@ class Trainer:
 
         # Old policy ← EMA of the trainable weights.
         self.policy.update_old(self.old_decay(step))
-        timings["time/update"] = time.perf_counter() - clock
+        timings["time/update"] = self._clock() - clock
 
         # 8. Diagnostics (SPEC §1.8).
         self.step_count += 1
