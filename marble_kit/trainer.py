@@ -353,7 +353,8 @@ class Trainer:
                 metrics[f"lambda/{name}"] = float(lam[k])
             valid = adv.valid[k]
             metrics[f"adv_abs/{name}"] = float(adv.advantages[k][valid].abs().mean()) if valid.any() else 0.0
-        metrics.update({key: float(v) for key, v in getattr(self.balancer, "metrics", {}).items()})
+        if mode != "reuse":  # between periodic solves the balancer did not run: no stale metrics
+            metrics.update({key: float(v) for key, v in getattr(self.balancer, "metrics", {}).items()})
         metrics.update(timings)
         return metrics
 
