@@ -74,10 +74,15 @@ def train(
                  "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr}
     if resume is not None:
         base = read_run_config(resume)
-        changed = {k: v for k, v in overrides.items() if v is not None and k not in ("steps", "out")}
-        if changed or reward_opt or balancer_opt or policy_opt or config_file or settings:
+        changed = [k for k, v in overrides.items() if v is not None and k not in ("steps", "out")]
+        changed += [flag for flag, given in (("--reward-opt", reward_opt), ("--balancer-opt", balancer_opt),
+                                             ("--policy-opt", policy_opt), ("--config", config_file),
+                                             ("--set", settings)) if given]
+        if out is not None and Path(out).resolve() != resume.resolve():
+            changed.append("--out")
+        if changed:
             raise MarbleError(f"--resume {resume} continues that run with its own config; only --steps may "
-                              f"be given (got {', '.join(changed) or 'other options'})")
+                              f"be given (got {', '.join(changed)})")
         config = base.replace(out=str(resume), steps=steps or base.steps)
     else:
         config = build_config(config_file, overrides, reward_opt, balancer_opt, policy_opt, settings)
@@ -92,6 +97,9 @@ def train(
         status = "interrupted — checkpoint saved" if result.interrupted else "done"
         console.print(f"[bold green]{status}[/]: {len(result.history)} steps, run directory {result.run_dir}",
                       highlight=False)
+        if result.checkpoint is not None:
+            console.print(f"  checkpoint {result.checkpoint}  (resume: marble train --resume {result.run_dir})",
+                          highlight=False)
         for name in config.rewards:
             value = last.get(f"reward/{name}")
             if isinstance(value, float):

@@ -1,13 +1,15 @@
 """`marble eval`: a checkpoint against its base policy, same prompts, same noise.
 
 Writes ``eval.json`` (per-reward mean ± std, deltas, deltas in base-std units) and
-``eval_grid.png`` (base row above fine-tuned row for each prompt) into the output directory.
+``eval_grid.png`` (one column per prompt: base image above the fine-tuned image) into the
+output directory. Any step's checkpoint works: the checkpoint carries its run's config.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +22,10 @@ from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
 from marble_kit.prompts import applicability_mask, load_prompt_sets
 from marble_kit.registry import build
-from marble_kit.run import check_compatible, read_run_config
+from marble_kit.run import CONFIG_FILE, check_compatible, read_run_config
+
+EVAL_JSON = "eval.json"
+EVAL_GRID = "eval_grid.png"
 
 
 @dataclass
@@ -43,6 +48,11 @@ def _stats(values: torch.Tensor) -> tuple[float, float, int]:
     return float(values.mean()), float(values.std(unbiased=False)), int(values.numel())
 
 
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: a reward that judged no image gets null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def score_policy(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: torch.Tensor, seed: int,
                  steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [K, N] (NaN where not applicable) and images of the policy's current weights."""
@@ -58,55 +68,84 @@ def score_policy(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: t
     return torch.where(mask, values, torch.full_like(values, float("nan"))), torch.cat(images)
 
 
+def reward_rows(names: Sequence[str], base: torch.Tensor, tuned: torch.Tensor) -> list[dict[str, Any]]:
+    """One row per reward: base / fine-tuned mean ± std over the images it judges, and deltas."""
+    rows = []
+    for k, name in enumerate(names):
+        base_mean, base_std, count = _stats(base[k])
+        tuned_mean, tuned_std, _ = _stats(tuned[k])
+        delta = tuned_mean - base_mean
+        rows.append({"reward": name, "n": count, "base_mean": base_mean, "base_std": base_std,
+                     "tuned_mean": tuned_mean, "tuned_std": tuned_std, "delta": delta,
+                     "delta_in_base_std": delta / base_std if base_std > 0 else float("nan")})
+    return rows
+
+
+def checkpoint_config(checkpoint: Path, meta: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with; when it sits in a run directory, the two must agree."""
+    run_dir = checkpoint.parent.parent
+    run_config = read_run_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
+    saved = meta.get("config")
+    if run_config is not None:
+        check_compatible(meta, run_config, f"checkpoint {checkpoint}")
+        return run_config
+    if not isinstance(saved, dict):
+        raise MarbleError(f"checkpoint {checkpoint} records no config and sits in no run directory; "
+                          "evaluate it inside its run directory")
+    return TrainConfig.from_dict(saved, source=f"{checkpoint}/meta.json")
+
+
+def select_prompts(prompt_sets, max_prompts: int) -> list[tuple[str, int]]:
+    """(prompt, set index) pairs, round-robin over the sets so the cap keeps every set represented."""
+    by_set = [[(p, i) for p in s.prompts] for i, s in enumerate(prompt_sets)]
+    return [pair for group in itertools.zip_longest(*by_set) for pair in group if pair][:max_prompts]
+
+
 def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list[str] | None = None,
              reward_options: dict | None = None, images_per_prompt: int = 2, max_prompts: int = 32,
              seed: int = 1234, out: str | Path | None = None, grid_prompts: int = 8) -> EvalReport:
-    """Score checkpoint (or a run's latest checkpoint) ``target`` and the base policy."""
+    """Score checkpoint (or a run's latest checkpoint) ``target`` and the base policy.
+
+    Every check (checkpoint, prompts, rewards) runs before the first write.
+    """
+    if images_per_prompt < 1 or max_prompts < 1:
+        raise MarbleError(f"eval: --images-per-prompt ({images_per_prompt}) and --max-prompts "
+                          f"({max_prompts}) must be ≥ 1")
     checkpoint = resolve_checkpoint(target)
-    run_dir = checkpoint.parent.parent
-    config: TrainConfig = read_run_config(run_dir)
     meta, state = load_checkpoint(checkpoint)
-    check_compatible(meta, config, str(checkpoint))
+    config = checkpoint_config(checkpoint, meta)
 
     prompt_sets = load_prompt_sets(prompts or _eval_prompt_specs(config))
     reward_names = rewards or list(config.rewards)
     options = {**config.reward_options, **(reward_options or {})}
     reward_models = [build("reward", name, options.get(name, {})) for name in reward_names]
-    # Round-robin over the sets so that the cap keeps every set represented.
-    by_set = [[(p, i) for p in s.prompts] for i, s in enumerate(prompt_sets)]
-    pairs = [pair for group in itertools.zip_longest(*by_set) for pair in group if pair][:max_prompts]
-    if not pairs:
-        raise MarbleError("eval: the prompt sets are empty; pass --prompts with at least one prompt")
+    pairs = select_prompts(prompt_sets, max_prompts)
     all_prompts = [p for p, _ in pairs for _ in range(images_per_prompt)]
     set_ids = torch.tensor([i for _, i in pairs for _ in range(images_per_prompt)])
     mask = applicability_mask(set_ids, reward_names, prompt_sets)
 
     policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    reward_device = policy.device if config.reward_device == "policy" else torch.device(config.reward_device)
+    for reward in reward_models:
+        reward.to(reward_device)
     base_scores, base_images = score_policy(policy, reward_models, all_prompts, mask, seed, config.sample_steps)
     policy.load_state_dict(state["policy"])
     tuned_scores, tuned_images = score_policy(policy, reward_models, all_prompts, mask, seed, config.sample_steps)
+    rows = reward_rows(reward_names, base_scores, tuned_scores)
 
-    rows = []
-    for k, name in enumerate(reward_names):
-        base_mean, base_std, count = _stats(base_scores[k])
-        tuned_mean, tuned_std, _ = _stats(tuned_scores[k])
-        delta = tuned_mean - base_mean
-        rows.append({"reward": name, "n": count, "base_mean": base_mean, "base_std": base_std,
-                     "tuned_mean": tuned_mean, "tuned_std": tuned_std, "delta": delta,
-                     "delta_in_base_std": delta / base_std if base_std > 0 else float("nan")})
-
-    out_dir = Path(out) if out else run_dir / "eval" / checkpoint.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out) if out else checkpoint.parent.parent / "eval" / checkpoint.name
     shown = min(grid_prompts, len(pairs))
     picks = [i * images_per_prompt for i in range(shown)]
     grid = torch.cat([base_images[picks], tuned_images[picks]])
     captions = [f"base: {all_prompts[i]}" for i in picks] + [f"step {meta['step']}" for _ in picks]
-    grid_path = save_grid(grid, out_dir / "eval_grid.png", captions=captions, ncol=shown)
-    json_path = out_dir / "eval.json"
+    grid_path = save_grid(grid, out_dir / EVAL_GRID, captions=captions, ncol=shown)
+    json_path = out_dir / EVAL_JSON
     report = EvalReport(str(checkpoint), int(meta["step"]), rows, json_path, grid_path)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**report.as_dict(), "prompts": [p for p, _ in pairs],
-                               "images_per_prompt": images_per_prompt, "seed": seed}, indent=2))
+    document = {**report.as_dict(), "policy": config.policy, "prompts": [p for p, _ in pairs],
+                "images_per_prompt": images_per_prompt, "seed": seed, "sample_steps": config.sample_steps}
+    document["rewards"] = [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False))
     tmp.replace(json_path)
     return report
 

@@ -38,6 +38,7 @@ def _plot(rows, prefix: str, title: str, ylabel: str, path: Path, zero_line: boo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series = _series(rows, prefix)
     if not series:
@@ -49,12 +50,15 @@ def _plot(rows, prefix: str, title: str, ylabel: str, path: Path, zero_line: boo
     if zero_line:
         ax.axhline(0.0, color="black", lw=0.8)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -62,6 +66,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Write plots/rewards.png, plots/weights.png, plots/cosines.png, plots/update_cosines.png."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
+    if not rows:
+        raise MarbleError(f"{run_dir}/metrics.jsonl is empty; plot after the first training step")
     out = run_dir / "plots"
     made = [
         _plot(rows, "reward/", "Mean reward per reward model (NaN-aware)", "reward", out / "rewards.png"),

@@ -5,7 +5,10 @@
         metrics.jsonl        one JSON object per step
         checkpoints/         step-NNNNNN/ (see marble_kit.checkpoint), keep-last-N
         samples/             step-NNNNNN.png sample grids (fixed prompts and noise)
-        plots/               rewards.png, weights.png, cosines.png
+        plots/               rewards.png, weights.png, cosines.png, update_cosines.png
+
+Bad input (config, prompts, run directory, checkpoint) is detected before anything is written,
+so a failed start never changes what is already on disk.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from marble_kit.config import TrainConfig
 from marble_kit.distributed import Distributed
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
+from marble_kit.prompts import _split_tags
 from marble_kit.trainer import Trainer, build_components
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+SAMPLE_SEED_OFFSET = 424242  # sample grids use their own noise, never the training generator
+SAMPLE_COUNT = 8
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUMABLE_KEYS = {"steps", "out", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                   "threads"}
@@ -39,6 +46,7 @@ class RunResult:
     run_dir: Path
     history: list[dict[str, Any]]
     interrupted: bool = False
+    checkpoint: Path | None = None
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -49,54 +57,90 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_toml(path)
 
 
-def run_fingerprint(config: TrainConfig) -> dict[str, Any]:
+def run_fingerprint(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run (everything but bookkeeping keys)."""
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}
+    data = config.to_dict() if isinstance(config, TrainConfig) else config
+    return {k: v for k, v in data.items() if k not in RESUMABLE_KEYS}
 
 
-def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    """Create or reopen the run directory; refuse to mix two different runs in one directory."""
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def check_run_dir(config: TrainConfig, resume: bool) -> None:
+    """Refuse to mix two different runs in one directory (reads only, writes nothing)."""
     run_dir = Path(config.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise MarbleError(f"--out {run_dir} is a file; choose a directory")
     config_path = run_dir / CONFIG_FILE
-    if config_path.exists():
-        previous = TrainConfig.from_toml(config_path)
-        if not resume:
-            if run_fingerprint(previous) != run_fingerprint(config):
-                raise MarbleError(f"{run_dir} already holds a different run; choose another --out "
-                                  "or pass --resume to continue that run")
-            if list_checkpoints(run_dir) or (run_dir / METRICS_FILE).exists():
-                raise MarbleError(f"{run_dir} already holds this run's results; pass --resume "
-                                  f"{run_dir} to continue it or choose another --out")
-        elif run_fingerprint(previous) != run_fingerprint(config):
-            changed = sorted(k for k, v in run_fingerprint(config).items() if run_fingerprint(previous).get(k) != v)
-            raise MarbleError(f"--resume {run_dir}: the run was made with different {', '.join(changed)}; "
-                              "resume with the run's own config (only steps and output cadence may change)")
-    elif resume:
-        raise MarbleError(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the directory of an earlier run")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise MarbleError(f"{run_dir} is not empty and holds no marble run; choose another --out")
+    if not config_path.exists():
+        if resume:
+            raise MarbleError(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the directory of an earlier run")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise MarbleError(f"{run_dir} is not empty and holds no marble run; choose another --out")
+        return
+    previous = TrainConfig.from_toml(config_path)
+    changed = changed_keys(run_fingerprint(previous), run_fingerprint(config))
+    if resume and changed:
+        raise MarbleError(f"--resume {run_dir}: the run was made with different {', '.join(changed)}; "
+                          "resume with the run's own config (only steps and output cadence may change)")
+    if not resume and changed:
+        raise MarbleError(f"{run_dir} already holds a different run (it differs in {', '.join(changed[:4])}); "
+                          "choose another --out or pass --resume to continue that run")
+    if not resume and (list_checkpoints(run_dir) or (run_dir / METRICS_FILE).exists()):
+        raise MarbleError(f"{run_dir} already holds this run's results; pass --resume {run_dir} to "
+                          "continue it or choose another --out")
+
+
+def absolute_prompt_specs(specs: list[str]) -> list[str]:
+    """User prompt files as absolute paths (tags kept), so a run resumes from any directory."""
+    resolved = []
+    for spec in specs:
+        source, tags = _split_tags(str(spec))
+        path = Path(source).expanduser()
+        if path.is_file():
+            spec = str(path.resolve()) + (":" + "+".join(tags) if tags else "")
+        resolved.append(spec)
+    return resolved
+
+
+def write_config(config: TrainConfig) -> Path:
+    """The resolved config, written atomically (the run directory is created here)."""
+    run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_suffix(".toml.tmp")
+    path = run_dir / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(config.to_toml())
-    tmp.replace(config_path)
-    return run_dir
+    tmp.replace(path)
+    return path
 
 
 def checkpoint_meta(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records about its run; ``config`` makes it self-contained for eval."""
     return {"policy": config.policy, "policy_options": config.policy_options,
-            "rewards": list(config.rewards), "balancer": config.balancer}
+            "rewards": list(config.rewards), "balancer": config.balancer, "config": config.to_dict()}
 
 
-def check_compatible(meta: dict[str, Any], config: TrainConfig, where: str) -> None:
-    """A checkpoint must come from the same policy and reward set as the run resuming it."""
+def check_compatible(meta: dict[str, Any], config: TrainConfig, where: str, same_rewards: bool = True) -> None:
+    """A checkpoint must come from the same policy (and reward set) as the run that loads it."""
     if meta.get("policy") != config.policy:
         raise MarbleError(f"{where} was trained with policy {meta.get('policy')!r}, not {config.policy!r}; "
-                          "pass --policy to match or use another checkpoint")
-    if list(meta.get("rewards", [])) != list(config.rewards):
+                          "use a checkpoint of this run's policy")
+    if meta.get("policy_options", {}) != config.policy_options:
+        raise MarbleError(f"{where} was trained with policy options {meta.get('policy_options')}, not "
+                          f"{config.policy_options}; use a checkpoint made with the same policy options")
+    if same_rewards and list(meta.get("rewards", [])) != list(config.rewards):
         raise MarbleError(f"{where} was trained with rewards {','.join(meta.get('rewards', []))}, not "
-                          f"{','.join(config.rewards)}; use the same --rewards (same order)")
+                          f"{','.join(config.rewards)}; use a checkpoint of the same reward set (same order)")
+    if same_rewards and meta.get("balancer") != config.balancer:
+        raise MarbleError(f"{where} was trained with balancer {meta.get('balancer')!r}, not "
+                          f"{config.balancer!r}; use a checkpoint of this run")
+    saved = meta.get("config")
+    if same_rewards and isinstance(saved, dict):
+        changed = changed_keys(run_fingerprint(saved), run_fingerprint(config))
+        if changed:
+            raise MarbleError(f"{where} was trained with different {', '.join(changed[:4])}; "
+                              "use a checkpoint of this run")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -110,7 +154,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a line cut by a crash: everything after it is stale too
-    tmp = path.with_suffix(".jsonl.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     tmp.replace(path)
 
@@ -121,6 +165,29 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
+
+
+# ------------------------------------------------------------------ RNG outside the trainer
+
+def capture_global_rng() -> dict[str, Any]:
+    """torch's global RNG states (the trainer's own generator is in its state_dict)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_global_rng(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @contextmanager
 def _sigint_as_flag() -> Iterator[dict[str, bool]]:
     """Ctrl-C finishes the current step, then the loop checkpoints and stops."""
@@ -128,7 +195,7 @@ def _sigint_as_flag() -> Iterator[dict[str, bool]]:
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):
-        if state["stop"]:  # a second Ctrl-C: stop now
+        if state["stop"]:  # a second Ctrl-C: stop now (the last complete checkpoint stays valid)
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         state["stop"] = True
@@ -146,83 +213,113 @@ def _sigint_as_flag() -> Iterator[dict[str, bool]]:
             pass
 
 
-def sample_prompts(trainer: Trainer, count: int = 8) -> list[str]:
+# ------------------------------------------------------------------ sample grids
+
+def sample_prompts(prompt_sets, count: int = SAMPLE_COUNT) -> list[str]:
     """Fixed prompts for the sample grids: the first prompts of each prompt set, round-robin."""
-    sets = trainer.components.prompt_sets
     prompts: list[str] = []
     index = 0
-    while len(prompts) < count and any(index < len(s.prompts) for s in sets):
-        prompts.extend(s.prompts[index] for s in sets if index < len(s.prompts))
+    while len(prompts) < count and any(index < len(s.prompts) for s in prompt_sets):
+        prompts.extend(s.prompts[index] for s in prompt_sets if index < len(s.prompts))
         index += 1
     return prompts[:count]
 
 
-def save_samples(trainer: Trainer, run_dir: Path, step: int) -> Path:
-    prompts = sample_prompts(trainer)
-    generator = torch.Generator().manual_seed(trainer.config.seed + 424242)
+def sample_images(policy, config: TrainConfig, prompts: list[str]) -> torch.Tensor:
+    """Images of the policy's current trainable weights with the run's fixed sample noise."""
+    generator = torch.Generator().manual_seed(config.seed + SAMPLE_SEED_OFFSET)
     with torch.no_grad():
-        rollout = trainer.policy.sample(prompts, generator=generator, steps=trainer.config.sample_steps,
-                                        use_old=False)
-    path = run_dir / "samples" / f"step-{step:06d}.png"
-    save_grid(rollout.images, path, captions=prompts)
-    return path
+        rollout = policy.sample(prompts, generator=generator, steps=config.sample_steps, use_old=False)
+    return rollout.images
+
+
+def save_samples(trainer: Trainer, run_dir: Path, step: int) -> Path:
+    """samples/step-NNNNNN.png: the fixed sample prompts (captions) with the current weights."""
+    prompts = sample_prompts(trainer.components.prompt_sets)
+    path = run_dir / SAMPLES_DIR / f"step-{step:06d}.png"
+    return save_grid(sample_images(trainer.policy, trainer.config, prompts), path, captions=prompts)
+
+
+# ------------------------------------------------------------------ the run
+
+def _resume_point(config: TrainConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(meta, state) of the run's latest checkpoint, verified against the run's config."""
+    found = list_checkpoints(config.out)
+    if not found:
+        return None, None
+    meta, state = load_checkpoint(found[-1])
+    check_compatible(meta, config, f"checkpoint {found[-1]}")
+    if meta["step"] >= config.steps:
+        raise MarbleError(f"--resume {config.out}: the run is already at step {meta['step']}; pass "
+                          f"--steps larger than {meta['step']} to train further")
+    return meta, state
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           dist: Distributed | None = None, console: Any = None) -> RunResult:
-    """Train ``config`` (or resume its run directory) and return the metric history."""
+    """Train ``config`` (or resume its run directory) and return the metric history.
+
+    Order matters: every check (run directory, checkpoint, prompts, plugins) runs before the
+    first write, so bad input leaves the disk as it was.
+    """
     from marble_kit.plots import plot_run
     from marble_kit.progress import TrainProgress
 
     dist = dist or Distributed()
+    config = config.replace(prompts=absolute_prompt_specs(list(config.prompts)))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.out)
-    if dist.is_main:
-        run_dir = prepare_run_dir(config, resume)
-    dist.barrier()
+    check_run_dir(config, resume)
+    meta, state = _resume_point(config) if resume else (None, None)
     components = build_components(config)
     trainer = Trainer(config, components, dist=dist)
+    if state is not None:
+        restore_global_rng(state.pop("global_rng", None))
+        trainer.load_state_dict(state)
+    start_step = trainer.step_count
+
     metrics_path = run_dir / METRICS_FILE
-    if resume:
-        found = list_checkpoints(run_dir)
-        if found:
-            meta, state = load_checkpoint(found[-1])
-            check_compatible(meta, config, str(found[-1]))
-            trainer.load_state_dict(state)
-        if dist.is_main:
-            _truncate_metrics(metrics_path, trainer.step_count)
+    dist.barrier()
+    if dist.is_main:
+        write_config(config)
+        if resume:
+            _truncate_metrics(metrics_path, start_step)
+    dist.barrier()
     meta = checkpoint_meta(config)
+    saved: dict[str, Any] = {"step": start_step if state is not None else None, "path": None}
 
     def checkpoint() -> None:
+        if saved["step"] == trainer.step_count:
+            return
         if dist.is_main:
-            save_checkpoint(run_dir, trainer.step_count, trainer.state_dict(), trainer.policy, meta,
-                            keep=config.keep_checkpoints)
+            full_state = {**trainer.state_dict(), "global_rng": capture_global_rng()}
+            saved["path"] = save_checkpoint(run_dir, trainer.step_count, full_state, trainer.policy, meta,
+                                            keep=config.keep_checkpoints)
+        saved["step"] = trainer.step_count
 
     history: list[dict[str, Any]] = []
     interrupted = False
-    bar = TrainProgress(config, enabled=progress and dist.is_main, console=console,
-                        start=trainer.step_count)
-    with _sigint_as_flag() as sigint, bar:
-        if dist.is_main and config.sample_every and trainer.step_count == 0:
-            save_samples(trainer, run_dir, 0)
-        while trainer.step_count < config.steps:
-            metrics = trainer.step()
-            history.append(metrics)
-            step = trainer.step_count
-            if dist.is_main:
-                if step % config.log_every == 0 or step == config.steps:
-                    with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
-                if config.sample_every and step % config.sample_every == 0:
-                    save_samples(trainer, run_dir, step)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                checkpoint()
-            bar.update(metrics)
-            if sigint["stop"]:
-                interrupted = True
-                break
-    checkpoint()
+    bar = TrainProgress(config, enabled=progress and dist.is_main, console=console, start=start_step)
+    with _sigint_as_flag() as sigint:
+        with bar:
+            if dist.is_main and config.sample_every and start_step == 0:
+                save_samples(trainer, run_dir, 0)
+            while trainer.step_count < config.steps and not sigint["stop"]:
+                metrics = trainer.step()
+                history.append(metrics)
+                step = trainer.step_count
+                if dist.is_main:
+                    if step % config.log_every == 0 or step == config.steps:
+                        append_metrics(metrics_path, metrics)
+                    if config.sample_every and step % config.sample_every == 0:
+                        save_samples(trainer, run_dir, step)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    checkpoint()
+                bar.update(metrics)
+            interrupted = trainer.step_count < config.steps
+        checkpoint()  # still inside the handler: a Ctrl-C now cannot cut the final save
     if dist.is_main and metrics_path.exists():
         plot_run(run_dir)
-    return RunResult(run_dir, history, interrupted)
+    last = list_checkpoints(run_dir)
+    return RunResult(run_dir, history, interrupted, last[-1] if last else None)
