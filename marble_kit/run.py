@@ -13,6 +13,7 @@ so a failed start never changes what is already on disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -25,7 +26,7 @@ import torch
 
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from marble_kit.config import TrainConfig
-from marble_kit.distributed import Distributed
+from marble_kit.distributed import Distributed, tensors_digest
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
 from marble_kit.prompts import _split_tags
@@ -90,6 +91,12 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
     if not resume and (list_checkpoints(run_dir) or (run_dir / METRICS_FILE).exists()):
         raise MarbleError(f"{run_dir} already holds this run's results; pass --resume {run_dir} to "
                           "continue it or choose another --out")
+
+
+def config_digest(config: TrainConfig) -> str:
+    """A short hash of the run fingerprint (to check that every rank runs the same config)."""
+    text = json.dumps(run_fingerprint(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def absolute_prompt_specs(specs: list[str]) -> list[str]:
@@ -266,6 +273,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     from marble_kit.progress import TrainProgress
 
     dist = dist or Distributed()
+    dist.check_same(config_digest(config), "the run configuration (digest)",
+                    "launch every rank with the same config file and flags")
     config = config.replace(prompts=absolute_prompt_specs(list(config.prompts)))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -278,6 +287,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         restore_global_rng(state.pop("global_rng", None))
         trainer.load_state_dict(state)
     start_step = trainer.step_count
+    if dist.active:  # every rank loaded the same checkpoint (or built the same seeded LoRA init)
+        weights = trainer.policy.state_dict()
+        dist.check_same((start_step, tensors_digest(weights[k] for k in sorted(weights))),
+                        "the starting (step, weights digest)",
+                        "every rank must read the same checkpoint: on several nodes put --out on a "
+                        "filesystem all nodes share; a policy must seed its LoRA init from `seed`")
 
     metrics_path = run_dir / METRICS_FILE
     dist.barrier()
@@ -305,7 +320,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         with bar:
             if dist.is_main and config.sample_every and start_step == 0:
                 save_samples(trainer, run_dir, 0)
-            while trainer.step_count < config.steps and not sigint["stop"]:
+            # A Ctrl-C seen by any rank stops every rank after the same step.
+            while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 metrics = trainer.step()
                 history.append(metrics)
                 step = trainer.step_count
@@ -321,5 +337,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         checkpoint()  # still inside the handler: a Ctrl-C now cannot cut the final save
     if dist.is_main and metrics_path.exists():
         plot_run(run_dir)
+    # No rank leaves before rank 0 has written: an interrupted run exits non-zero, and torchrun
+    # stops the whole job as soon as one rank does.
+    dist.barrier()
     last = list_checkpoints(run_dir)
     return RunResult(run_dir, history, interrupted, last[-1] if last else None)
