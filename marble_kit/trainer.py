@@ -304,6 +304,8 @@ class Trainer:
             solve_gram = gram if metric == "euclidean" else gram_ops.metric_gram(
                 grads, self.optimizer, self.params, metric=metric, grad_scale=self.clip_scale)
             weights = self.balancer.weights(solve_gram, step).to(grads)
+            # Every rank solved the same QP; rank 0's answer makes λ bitwise equal everywhere.
+            weights = self.dist.broadcast_from_main(weights)
             # A reward with a non-finite gradient gets weight 0 from the balancer; keep its NaNs
             # out of the fused gradient too (0·NaN = NaN).
             finite = torch.isfinite(grads).all(dim=1)
