@@ -1,0 +1,276 @@
+"""`marble train` → checkpoints → `--resume` (bit-exact) → `marble eval` / `marble plot` on tiny-sd3.
+
+Every run here is tiny (3 prompts × 2 images, 1 timestep per image, 4 sampler steps, 1 thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from marble_cli.app import app
+from marble_kit.checkpoint import list_checkpoints, load_checkpoint
+from marble_kit.config import TrainConfig
+from marble_kit.images import make_grid
+from marble_kit.progress import summarize
+from marble_kit.prompts import load_prompt_sets
+from marble_kit.registry import build
+from marble_kit.run import sample_images, sample_prompts
+
+runner = CliRunner()
+REWARDS = ["color", "shape", "word", "sharpness"]  # the embedded default
+TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
+        "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
+# Diagnostics that are not part of the trajectory: wall-clock times, and OSQP's iteration
+# count, which depends on its internal workspace (adaptive ρ) that cannot be serialized —
+# the λ it returns is refined exactly, so weights and every other metric must match bit for bit.
+NOT_COMPARED = ("time/", "balancer/qp_iterations")
+MATPLOTLIB_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+
+
+def marble(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def train(out: Path, steps: int, *extra: str):
+    result = marble("train", "--out", out, "--steps", steps, *TINY, *extra)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trajectory(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(NOT_COMPARED)} for row in rows]
+
+
+def png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def hex_rgb(color: str) -> np.ndarray:
+    return np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted 4-step run and the same run stopped at step 2 and resumed to 4."""
+    root = tmp_path_factory.mktemp("runs")
+    full, resumed = root / "full", root / "resumed"
+    cadence = ["--set", "checkpoint_every=1", "--set", "keep_checkpoints=2", "--set", "sample_every=2"]
+    train(full, 4, *cadence)
+    train(resumed, 2, *cadence)
+    result = marble("train", "--resume", resumed, "--steps", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return {"full": full, "resumed": resumed, "root": root}
+
+
+def test_run_directory_holds_config_metrics_checkpoints_samples_and_plots(runs):
+    run = runs["full"]
+    config = TrainConfig.from_toml(run / "config.toml")
+    assert (config.steps, config.prompts_per_step, config.images_per_prompt, config.sample_steps,
+            config.checkpoint_every, config.keep_checkpoints) == (4, 3, 2, 4, 1, 2)
+    assert config.rewards == REWARDS and config.out == str(run)
+
+    rows = metric_lines(run)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        lam = [row[f"lambda/{name}"] for name in REWARDS]
+        assert min(lam) >= 0 and sum(lam) == pytest.approx(1.0)
+        assert row["cos/worst"] == pytest.approx(min(row[f"cos/{name}"] for name in REWARDS))
+        assert all(f"reward/{name}" in row for name in REWARDS)
+
+    # keep_checkpoints=2: only the last two of the four checkpoints remain
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003", "step-000004"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    meta, state = load_checkpoint(run / "checkpoints" / "step-000004")
+    assert meta["step"] == state["step"] == 4 and meta["rewards"] == REWARDS
+    assert {"optimizer", "balancer", "generator", "sampler", "global_rng"} <= set(state)
+    assert any(k.startswith("old.") for k in state["policy"]) and any(k.startswith("lora.") for k in state["policy"])
+    assert state["balancer"]["ema_initialized"] == 1  # MARBLE's EMA state travels with the checkpoint
+
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-000000.png", "step-000002.png", "step-000004.png"]
+    plots = {p.name for p in (run / "plots").iterdir()}
+    assert plots == {"rewards.png", "weights.png", "cosines.png", "update_cosines.png"}
+
+
+def test_sample_grid_shows_the_checkpoint_weights_on_the_fixed_prompts(runs):
+    run = runs["full"]
+    config = TrainConfig.from_toml(run / "config.toml")
+    _, state = load_checkpoint(run / "checkpoints" / "step-000004")
+    policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    prompts = sample_prompts(load_prompt_sets(config.prompts))
+    base = np.asarray(make_grid(sample_images(policy, config, prompts), captions=prompts))
+    policy.load_state_dict(state["policy"])
+    expected = np.asarray(make_grid(sample_images(policy, config, prompts), captions=prompts))
+    assert np.array_equal(png(run / "samples" / "step-000004.png"), expected)
+    assert np.array_equal(png(run / "samples" / "step-000000.png"), base)
+    assert not np.array_equal(expected, base)  # four steps moved the weights
+
+
+def test_plots_draw_one_line_per_reward_and_marble_plot_redraws_them(runs):
+    run = runs["full"]
+    for name in ("rewards.png", "weights.png"):
+        pixels = png(run / "plots" / name).reshape(-1, 3).astype(int)
+        for color in MATPLOTLIB_CYCLE[:len(REWARDS)]:  # one line colour per reward
+            assert (np.abs(pixels - hex_rgb(color)).sum(axis=1) < 12).sum() > 50, (name, color)
+    before = png(run / "plots" / "weights.png")
+    (run / "plots" / "weights.png").unlink()
+    result = marble("plot", run)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(png(run / "plots" / "weights.png"), before)
+
+
+def test_resume_is_bit_exact(runs):
+    full, resumed = runs["full"], runs["resumed"]
+    assert trajectory(metric_lines(resumed)) == trajectory(metric_lines(full))
+    a, b = full / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004"
+    for name in ("policy.safetensors", "adapter/pytorch_lora_weights.safetensors"):
+        left, right = load_file(a / name), load_file(b / name)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    state_a, state_b = load_checkpoint(a)[1], load_checkpoint(b)[1]
+    for index, moments in state_a["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][index][key])
+    assert all(torch.equal(state_a["balancer"][k], state_b["balancer"][k]) for k in state_a["balancer"])
+    assert torch.equal(state_a["generator"], state_b["generator"])
+    # the resumed run kept its step-2 metrics and config, and updated steps
+    assert TrainConfig.from_toml(resumed / "config.toml").steps == 4
+
+
+def test_adapter_loads_with_diffusers_load_lora_weights(runs):
+    from marble_plugins.policies import sd3
+
+    run = runs["full"]
+    config = TrainConfig.from_toml(run / "config.toml")
+    _, state = load_checkpoint(run / "checkpoints" / "step-000004")
+    policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
+    policy.load_state_dict(state["policy"])
+    generator = torch.Generator().manual_seed(5)
+    x_t = torch.randn(policy.latent_shape(2), generator=generator)
+    t = torch.tensor([0.3, 0.8])
+    cond = policy.encode_prompts(["a red circle on a white background", "a blue square on a black background"])
+    with torch.no_grad():
+        expected = policy.velocity(x_t, t, cond)
+
+    pipeline = sd3.load_sd3_pipeline(sd3.TINY_PRIOR_DIR, use_t5=False)
+    with torch.no_grad():
+        before = pipeline.transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.prompt_embeds,
+                                      pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
+    pipeline.load_lora_weights(str(run / "checkpoints" / "step-000004" / "adapter"))
+    with torch.no_grad():
+        loaded = pipeline.transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.prompt_embeds,
+                                      pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
+    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+    assert (loaded - before).abs().max() > 1e-4  # the adapter is not a no-op
+
+
+def test_eval_scores_an_intermediate_checkpoint_against_the_base(runs, tmp_path):
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("# my prompts\na red circle on a white background\n"
+                       "a blue square on a black background\n\na green triangle on a gray background\n")
+    out = tmp_path / "eval"
+    result = marble("eval", runs["full"] / "checkpoints" / "step-000003", "--prompts", prompts,
+                    "--rewards", "color,sharpness", "--images-per-prompt", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "color" in result.output and "sharpness" in result.output
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report["step"] == 3 and report["images_per_prompt"] == 2
+    assert report["prompts"] == ["a red circle on a white background", "a blue square on a black background",
+                                 "a green triangle on a gray background"]
+    assert [row["reward"] for row in report["rewards"]] == ["color", "sharpness"]
+    for row in report["rewards"]:
+        assert row["n"] == 6
+        for key in ("base_mean", "base_std", "tuned_mean", "tuned_std"):
+            assert isinstance(row[key], float) and np.isfinite(row[key])
+        assert row["delta"] == pytest.approx(row["tuned_mean"] - row["base_mean"])
+
+    grid = png(out / "eval_grid.png")
+    cell = 64 * 3  # 64-px images upscaled ×3
+    assert grid.shape[1] == 3 * (cell + 2) + 2 and grid.shape[0] == 2 * (cell + 12 + 2) + 2
+    top = grid[14:14 + cell, 2:2 + cell].astype(int)
+    bottom = grid[cell + 30:cell + 30 + cell, 2:2 + cell].astype(int)
+    assert 0 < np.abs(top - bottom).mean() < 40  # same noise, slightly different weights
+
+
+def test_progress_summary_shows_rewards_lambda_and_worst_cosine():
+    metrics = {"reward/color": 0.25, "lambda/color": 0.7, "reward/word": float("nan"), "lambda/word": 0.3,
+               "cos/worst": -0.125}
+    text = summarize(metrics, ["color", "word"])
+    assert text == "color 0.250 (λ 0.70) · word – (λ 0.30) · worst cos -0.12"
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
+    run = tmp_path / "interrupted"
+    env = dict(os.environ, MARBLE_LOAD_PLUGINS="", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "marble_cli.app", "train", "--out", str(run), "--steps", "500", *TINY,
+         "--set", "checkpoint_every=1000", "--set", "sample_every=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no metrics line within 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stdout
+    checkpoints = list_checkpoints(run)
+    assert len(checkpoints) == 1
+    meta, state = load_checkpoint(checkpoints[0])
+    steps_done = len(metric_lines(run))
+    assert meta["step"] == state["step"] == steps_done < 500
+
+    out = tmp_path / "eval"
+    result = marble("eval", run, "--rewards", "sharpness", "--max-prompts", 2, "--images-per-prompt", 1,
+                    "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["step"] == steps_done and np.isfinite(report["rewards"][0]["tuned_mean"])
+
+
+def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
+    """Periodic Gram (mgda-qp every 3 steps): the reused loss weights and λ survive a resume."""
+    from marble_kit.run import train as run_train
+
+    settings = dict(prompts_per_step=3, images_per_prompt=2, timesteps_per_image=1, sample_steps=4, threads=1,
+                    sample_every=0, checkpoint_every=0, balancer="mgda-qp", gram="periodic", gram_period=3)
+    full = TrainConfig.from_dict({**settings, "out": str(tmp_path / "full"), "steps": 5})
+    run_train(full, progress=False)
+    run_train(full.replace(out=str(tmp_path / "resumed"), steps=2), progress=False)
+    run_train(full.replace(out=str(tmp_path / "resumed")), resume=True, progress=False)
+    rows = metric_lines(tmp_path / "full")
+    assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine", "reuse"]
+    assert trajectory(metric_lines(tmp_path / "resumed")) == trajectory(rows)
+    left = load_file(tmp_path / "full" / "checkpoints" / "step-000005" / "policy.safetensors")
+    right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000005" / "policy.safetensors")
+    assert all(torch.equal(left[k], right[k]) for k in left)
