@@ -1,4 +1,4 @@
-"""`marble bench balancers` / `conflict` and the library functions behind them."""
+"""`marble bench balancers` / `optimizer` and the library functions behind them."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_momentum_aware_gram_removes_most_actual_step_conflicts():
     assert no_momentum[0]["conflict_rate_update"] == 0.0
 
 
-def test_cli_bench_conflict_runs():
-    result = runner.invoke(app, ["bench", "conflict", "--steps", "5", "--seeds", "1", "--json"])
+def test_cli_bench_optimizer_runs():
+    result = runner.invoke(app, ["bench", "optimizer", "--steps", "5", "--seeds", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert {row["metric"] for row in json.loads(result.output)} == {"euclidean", "adam", "adam-momentum"}
