@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
+from marble_cli.common import console, print_json, split_names, user_errors
 from rich.table import Table
 
-from marble_cli.common import console, print_json, split_names, user_errors
 from marble_kit.options import parse_plugin_options
 
 
@@ -22,13 +21,13 @@ def _fmt(value: float, signed: bool = False) -> str:
 @user_errors
 def eval_command(
     target: Path = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoints/step-N directory."),
-    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt sets to evaluate on (default: held-out world prompts / the run's sets)."),
-    rewards: Optional[str] = typer.Option(None, "--rewards", "-r", help="Comma-separated rewards (default: the run's)."),
-    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE."),
+    prompts: list[str] | None = typer.Option(None, "--prompts", help="Prompt sets to evaluate on (default: held-out world prompts / the run's sets)."),
+    rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated rewards (default: the run's)."),
+    reward_opt: list[str] | None = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE."),
     images_per_prompt: int = typer.Option(2, "--images-per-prompt", help="Images per prompt."),
     max_prompts: int = typer.Option(32, "--max-prompts", help="At most this many prompts."),
     seed: int = typer.Option(1234, "--seed", help="Noise seed (the same for base and checkpoint)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval/step-N)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval/step-N)."),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON report."),
 ):
     """Score a checkpoint and its base policy on the same prompts and noise."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from marble_cli.common import console, split_names, user_errors
+
 from marble_kit.config import TrainConfig, read_toml
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value
@@ -25,7 +24,7 @@ def _single_plugin_options(items: list[str] | None, flag: str) -> dict:
     return options
 
 
-def build_config(config_file: Optional[Path], overrides: dict, reward_opts: list[str] | None,
+def build_config(config_file: Path | None, overrides: dict, reward_opts: list[str] | None,
                  balancer_opts: list[str] | None, policy_opts: list[str] | None,
                  settings: list[str] | None) -> TrainConfig:
     """Defaults ← TOML file ← `--set key=value` ← explicit flags ← plugin options."""
@@ -49,26 +48,27 @@ def build_config(config_file: Optional[Path], overrides: dict, reward_opts: list
 
 @user_errors
 def train(
-    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig)."),
-    rewards: Optional[str] = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
-    balancer: Optional[str] = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),
-    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt set: built-in name, .txt/.jsonl file or .toml manifest; FILE:reward1+reward2 tags its rewards. Repeatable."),
-    steps: Optional[int] = typer.Option(None, "--steps", "-n", help="Optimizer steps."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/marble-<time>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
-    gram: Optional[str] = typer.Option(None, "--gram", help="Gram mode: affine, exact, periodic, none."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
-    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE (repeatable)."),
-    balancer_opt: Optional[list[str]] = typer.Option(None, "--balancer-opt", help="Balancer option OPTION=VALUE (repeatable)."),
-    policy_opt: Optional[list[str]] = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="Any config key KEY=VALUE (repeatable)."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig)."),
+    rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
+    balancer: str | None = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
+    policy: str | None = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),
+    prompts: list[str] | None = typer.Option(None, "--prompts", help="Prompt set: built-in name, .txt/.jsonl file or .toml manifest; FILE:reward1+reward2 tags its rewards. Repeatable."),
+    steps: int | None = typer.Option(None, "--steps", "-n", help="Optimizer steps."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/marble-<time>)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    gram: str | None = typer.Option(None, "--gram", help="Gram mode: affine, exact, periodic, none."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the run."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    reward_opt: list[str] | None = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE (repeatable)."),
+    balancer_opt: list[str] | None = typer.Option(None, "--balancer-opt", help="Balancer option OPTION=VALUE (repeatable)."),
+    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    settings: list[str] | None = typer.Option(None, "--set", help="Any config key KEY=VALUE (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Fine-tune a policy with MARBLE (defaults: tiny-sd3, offline specialist rewards, marble balancer)."""
     from marble_kit.distributed import Distributed
-    from marble_kit.run import read_run_config, train as run_train
+    from marble_kit.run import read_run_config
+    from marble_kit.run import train as run_train
 
     overrides = {"rewards": split_names(rewards) or None, "balancer": balancer, "policy": policy,
                  "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr}

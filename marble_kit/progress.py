@@ -6,7 +6,14 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 def summarize(metrics: dict[str, Any], reward_names: list[str]) -> str:
@@ -34,7 +41,7 @@ class TrainProgress:
         )
         self.task = None
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
         self.task = self.progress.add_task("train", total=self.config.steps, completed=self.start,
                                            summary="rollout…")

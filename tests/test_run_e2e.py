@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from marble_cli.app import app
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.images import make_grid
@@ -262,8 +262,9 @@ def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
     """Periodic Gram (mgda-qp every 3 steps): the reused loss weights and λ survive a resume."""
     from marble_kit.run import train as run_train
 
-    settings = dict(prompts_per_step=3, images_per_prompt=2, timesteps_per_image=1, sample_steps=4, threads=1,
-                    sample_every=0, checkpoint_every=0, balancer="mgda-qp", gram="periodic", gram_period=3)
+    settings = {"prompts_per_step": 3, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 4,
+                "threads": 1, "sample_every": 0, "checkpoint_every": 0, "balancer": "mgda-qp", "gram": "periodic",
+                "gram_period": 3}
     full = TrainConfig.from_dict({**settings, "out": str(tmp_path / "full"), "steps": 5})
     run_train(full, progress=False)
     run_train(full.replace(out=str(tmp_path / "resumed"), steps=2), progress=False)
