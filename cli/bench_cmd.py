@@ -116,7 +116,7 @@ def speed(
     policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
     device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
     policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Measured steps per variant (default 30; 10 for sd3.5-arch)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Measured steps per variant (default 40; 10 for sd3.5-arch)."),
     warmup: int = typer.Option(2, "--warmup", help="Unmeasured rounds first."),
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (same for all variants)."),
     images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
@@ -173,10 +173,10 @@ def speed(
 @bench_app.command("conflict")
 @user_errors
 def conflict(
-    steps: int = typer.Option(25, "--steps", help="Training steps per method and seed."),
+    steps: int = typer.Option(30, "--steps", help="Training steps per method and seed."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0, 1, ...)."),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated subset of the six methods."),
-    eval_images_per_prompt: int = typer.Option(2, "--eval-images-per-prompt", help="Held-out images per prompt."),
+    eval_images_per_prompt: int = typer.Option(4, "--eval-images-per-prompt", help="Held-out images per prompt."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for conflict.json and conflict.png."),
 ):

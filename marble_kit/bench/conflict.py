@@ -69,22 +69,22 @@ METHOD_NAMES = tuple(m.name for m in METHODS)
 
 @dataclass
 class ConflictSettings:
-    """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods, < 10 min on 2 cores)."""
+    """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, ~6 min on 2 idle cores)."""
 
-    steps: int = 25
+    steps: int = 30
     seeds: int = 3
     methods: list = field(default_factory=lambda: list(METHOD_NAMES))
     rewards: list = field(default_factory=lambda: list(DEFAULT_REWARDS))
     prompts: list = field(default_factory=lambda: ["default"])
     eval_prompts: list = field(default_factory=lambda: ["world_eval"])
-    eval_images_per_prompt: int = 2
+    eval_images_per_prompt: int = 4
     eval_seed: int = 1234          # held-out noise: training draws come from seeds 0, 1, 2, ...
     prompts_per_step: int = 4
     images_per_prompt: int = 4
-    timesteps_per_image: int = 4
+    timesteps_per_image: int = 2   # half the default: more steps fit in the 10-minute budget
     sample_steps: int = 8
     gram_period: int = 10
-    lr: float = 3e-3
+    lr: float = 1e-2               # the pilot's rate (notes/conflict-experiment.md): visible change in 30 steps
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
 

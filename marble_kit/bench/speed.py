@@ -67,11 +67,11 @@ VARIANTS = (
 
 @dataclass
 class SpeedSettings:
-    """What `marble bench speed` runs (defaults: the tiny policy on the CPU, < 3 minutes)."""
+    """What `marble bench speed` runs (defaults: the tiny policy on the CPU, ~2 minutes)."""
 
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
-    rounds: int = 30                 # measured steps per variant
+    rounds: int = 40                 # measured steps per variant
     warmup: int = 2                  # unmeasured rounds first (allocator, caches, OSQP set-up)
     prompts_per_step: int = 4
     images_per_prompt: int = 4
