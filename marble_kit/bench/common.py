@@ -76,8 +76,9 @@ def _cpu_model() -> str | None:
 
 
 def weights_fingerprint(module: torch.nn.Module, max_parameters: int = 50_000_000) -> str | None:
-    """Short hash of a module's weights (which prior a figure came from); None for big models."""
-    tensors = list(module.state_dict().values())
+    """Short hash of a module's base weights, LoRA excluded (which prior a figure came from,
+    before or after training); None for big models."""
+    tensors = [t for name, t in module.state_dict().items() if "lora_" not in name]
     if sum(t.numel() for t in tensors) > max_parameters:
         return None
     digest = hashlib.sha256()

@@ -1,7 +1,7 @@
 """`marble bench speed`: time per training step of single-reward and K = 5 balancing variants.
 
-Five trainers share ONE policy and take turns, one step each per round, in an order that
-rotates every round, so that load changes on the machine hit every variant alike:
+Five trainers share ONE policy and take turns, one step each per round, in a freshly shuffled
+order every round, so that load changes on the machine hit every variant alike:
 
 * (a) ``single``           one reward, one backward pass (the reference speed);
 * (b) ``weighted-sum``     K = 5, fixed uniform weights, one backward pass;
@@ -13,7 +13,8 @@ All variants see the same prompts and noise (same seed, same sampler), so their 
 the same. Per step the trainer's own clocks split the time into rollout, rewards and update
 (everything after the rewards) and, inside the update, the gradient step (per-reward
 gradients, Gram, balancer, fused gradient, optimizer step). Speed ratios are single-reward
-time / variant time (1.0 = as fast as one reward; the paper reports 0.97× for MARBLE).
+time / variant time within each round, median over rounds (1.0 = as fast as one reward; the
+paper reports 0.97× for MARBLE).
 """
 
 from __future__ import annotations
@@ -120,9 +121,14 @@ def build_trainers(settings: SpeedSettings, policy: Any = None) -> dict[str, Tra
     return {name: Trainer(config, components_for(config, policy)) for name, config in configs.items()}
 
 
-def rotated(names: list[str], round_index: int) -> list[str]:
-    shift = round_index % len(names)
-    return names[shift:] + names[:shift]
+def round_order(names: list[str], round_index: int, seed: int = 0) -> list[str]:
+    """A seeded shuffle per round: no variant always runs first, or always right after a
+    memory-hungry one (a fixed rotation would keep the same neighbours every round)."""
+    import random
+
+    order = list(names)
+    random.Random(seed * 1_000_003 + round_index).shuffle(order)
+    return order
 
 
 def time_one_step(trainer: Trainer) -> dict[str, float]:
@@ -148,7 +154,7 @@ def measure(trainers: dict[str, Trainer], rounds: int, warmup: int,
     names = list(trainers)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for round_index in range(warmup + rounds):
-        for name in rotated(names, round_index):
+        for name in round_order(names, round_index):
             sample = time_one_step(trainers[name])
             if round_index >= warmup:
                 samples[name].append(sample)
@@ -171,13 +177,21 @@ def summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
         row["peak_memory_mb"] = max(s["peak_memory_mb"] for s in runs)
         row["solve_steps"] = sum(s["gram_mode"] in ("affine", "exact") for s in runs)
         rows.append(row)
-    reference = rows[0]
+    reference = samples[VARIANTS[0].name]
     for row in rows:
-        # speed relative to single reward: > 1 faster, < 1 slower (the paper's "0.97×")
+        # Speed relative to single reward (> 1 faster, < 1 slower; the paper's "0.97×"): the
+        # median over rounds of the ratio within each round, so that load drifting between
+        # rounds cancels (every variant takes one step per round).
+        runs = samples[row["variant"]]
         for key in ("step", "step_without_rewards", "update", "gradient_step"):
-            row[f"speed_{key}"] = reference[f"median_{key}_s"] / row[f"median_{key}_s"]
-        row["speed_mean_step"] = reference["mean_step_s"] / row["mean_step_s"]
+            row[f"speed_{key}"] = median([_phase(ref, key) / _phase(run, key)
+                                          for ref, run in zip(reference, runs)])
+        row["speed_mean_step"] = (sum(s["step"] for s in reference) / len(reference)) / row["mean_step_s"]
     return rows
+
+
+def _phase(sample: dict[str, float], key: str) -> float:
+    return sample["step"] - sample["rewards"] if key == "step_without_rewards" else sample[key]
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
