@@ -1,0 +1,434 @@
+"""Multi-process training: 2 CPU processes (gloo, torchrun) against one process, and failures.
+
+The same file is the worker the launches run (``python tests/test_distributed.py MODE ...``):
+``cli`` runs ``marble train`` with a fault-injecting test reward and dumps each rank's metric
+history and weights; ``collectives`` checks the Distributed reductions between real processes;
+``hang`` has rank 1 never reach a collective, to prove the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from marble_kit.distributed import Distributed, tensors_digest, timeout_from_environment
+from marble_kit.errors import MarbleError
+from marble_kit.rewards import Reward
+
+THIS_FILE = Path(__file__).resolve()
+PROBE = "probe"
+FAIL_RANK_ENV = "MARBLE_TEST_FAIL_RANK"        # the probe raises on this rank
+SIGINT_ENV = "MARBLE_TEST_SIGINT"              # "RANK:CALL": Ctrl-C on that rank at that call
+DUMP_ENV = "MARBLE_TEST_DUMP_DIR"              # where each rank writes rank<R>.pt
+
+# Tiny and quick, but every code path of the distributed step: NaN-aware rewards on two tagged
+# prompt sets, groups split across ranks, the periodic Gram (affine solve on steps 1 and 3, one
+# fused backward + gradient all-reduce on step 2), sample grids and checkpoints from rank 0.
+SETTINGS = dict(
+    rewards=["shape", "sharpness", PROBE],
+    prompts=[f"shapes:shape+sharpness+{PROBE}", f"colors:sharpness+{PROBE}"],
+    prompts_per_step=4, images_per_prompt=2, timesteps_per_image=1, sample_steps=3,
+    threads=1, gram="periodic", gram_period=2, checkpoint_every=1, keep_checkpoints=0,
+    sample_every=2, seed=7,
+)
+
+
+class ProbeReward(Reward):
+    """Mean luminance, with faults injected on one rank through environment variables."""
+
+    name = PROBE
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        rank = int(os.environ.get("RANK", "0"))
+        if os.environ.get(FAIL_RANK_ENV) == str(rank):
+            raise RuntimeError(f"probe failure injected on rank {rank}")
+        if os.environ.get(SIGINT_ENV) == f"{rank}:{self.calls}":
+            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C reached this rank alone
+        return images.mean(dim=(1, 2, 3))
+
+
+def register_probe() -> None:
+    from marble_kit.registry import PluginInfo, get_registry
+
+    registry = get_registry()
+    if PROBE not in registry.entries["reward"]:
+        registry.add(PluginInfo("reward", PROBE, ProbeReward, "test reward with fault injection",
+                                "tests", __name__))
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+# ======================================================================= worker side
+
+def recording_trainer(captured: dict):
+    """A Trainer subclass for marble_kit.run that keeps itself, its initial weights and its
+    metric history in ``captured`` (the run API returns neither weights nor the trainer)."""
+    from marble_kit.trainer import Trainer
+
+    class RecordingTrainer(Trainer):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.history = []
+            captured["trainer"] = self
+            captured["initial"] = {k: v.clone() for k, v in self.policy.state_dict().items()}
+
+        def step(self):
+            metrics = super().step()
+            self.history.append(without_timing(metrics))
+            return metrics
+
+    return RecordingTrainer
+
+
+def cli_worker(argv: list[str]) -> None:
+    """`marble train ARGV` on this rank; dumps (history, weights) to $MARBLE_TEST_DUMP_DIR."""
+    register_probe()
+    import marble_kit.run as run_module
+
+    captured: dict = {}
+    run_module.Trainer = recording_trainer(captured)
+    from marble_cli.app import app
+
+    try:
+        app(args=argv, prog_name="marble")
+    finally:
+        trainer, dump_dir = captured.get("trainer"), os.environ.get(DUMP_ENV)
+        if trainer is not None and dump_dir:
+            state = {"history": trainer.history, "step": trainer.step_count,
+                     "policy": trainer.policy.state_dict()}
+            torch.save(state, Path(dump_dir) / f"rank{os.environ.get('RANK', '0')}.pt")
+
+
+def refuse() -> None:
+    raise MarbleError("run directory is taken")
+
+
+def collectives_worker(out_dir: str) -> None:
+    """Every Distributed helper between real processes; results to OUT/rank<R>.json."""
+    dist = Distributed.from_environment()
+    rank, world = dist.rank, dist.world_size
+    rewards = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * rank  # K=2, B=3 per rank
+    gathered, groups = dist.gather_rewards(rewards, torch.tensor([0, 0, 1]))
+    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))]
+    params[0].grad = torch.full((2, 2), float(rank + 1))  # params[1] has no grad on any rank
+    dist.all_reduce_mean_grads(params)
+    errors = {}
+    for name, action in {
+        "check_same": lambda: dist.check_same(rank, "the rank", "expected in this test"),
+        "run_on_main": lambda: dist.run_on_main(refuse),
+    }.items():
+        try:
+            action()
+            errors[name] = None
+        except MarbleError as exc:
+            errors[name] = str(exc)
+    result = {
+        "rank": rank, "world": world,
+        "gathered": gathered.tolist(), "groups": groups.tolist(),
+        "local_rows": dist.local_rows(gathered).tolist(),
+        "mean": dist.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank])).tolist(),
+        "grads": [params[0].grad.tolist(), params[1].grad.tolist()],
+        "broadcast": dist.broadcast_from_main(torch.tensor([rank + 0.5])).tolist(),
+        "any_rank1": dist.any(rank == 1), "any_none": dist.any(False),
+        "main_result": dist.run_on_main(lambda: "from rank 0"),
+        "errors": errors,
+    }
+    dist.check_same("same on every rank", "a constant", "never raised")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.close()
+
+
+def hang_worker() -> None:
+    """Rank 1 never reaches the collective: rank 0's all-reduce must time out, not hang."""
+    dist = Distributed.from_environment()
+    if dist.rank == 1:
+        time.sleep(120)
+        return
+    started = time.monotonic()
+    try:
+        dist.all_reduce_mean(torch.ones(1))
+    except Exception as exc:  # torch raises a backend-specific error on timeout
+        print(f"rank 0 collective failed after {time.monotonic() - started:.1f}s: "
+              f"{type(exc).__name__}", flush=True)
+        sys.exit(3)
+    sys.exit(0)
+
+
+# ======================================================================= launching
+
+def torchrun(args: list[str], env: dict[str, str] | None = None, timeout: float = 150
+             ) -> tuple[subprocess.CompletedProcess, float]:
+    """`torchrun --standalone --nproc-per-node 2 tests/test_distributed.py ARGS` (wall time too).
+
+    Collectives time out after 60 s, so a desynchronized run fails instead of hanging; past
+    ``timeout`` torchrun gets SIGTERM, which it forwards to the workers (own sessions).
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--monitor-interval", "0.2", str(THIS_FILE), *args]
+    environment = {**os.environ, "MARBLE_LOAD_PLUGINS": "", "MARBLE_DIST_TIMEOUT": "60", **(env or {})}
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun did not finish within {timeout:.0f}s\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    return done, time.monotonic() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def output(done: subprocess.CompletedProcess) -> str:
+    return f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}"
+
+
+# ======================================================================= fast tests
+
+def test_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MARBLE_DIST_TIMEOUT", raising=False)
+    assert timeout_from_environment() == 600.0
+    monkeypatch.setenv("MARBLE_DIST_TIMEOUT", "45")
+    assert timeout_from_environment() == 45.0
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("MARBLE_DIST_TIMEOUT", bad)
+        with pytest.raises(MarbleError, match="MARBLE_DIST_TIMEOUT"):
+            timeout_from_environment()
+
+
+def test_single_process_reductions_are_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist = Distributed.from_environment()
+    assert (dist.rank, dist.world_size, dist.is_main, dist.active) == (0, 1, True, False)
+    rewards, groups = torch.randn(2, 4), torch.tensor([0, 0, 1, 1])
+    assert dist.gather_rewards(rewards, groups) == (rewards, groups)
+    assert torch.equal(dist.local_rows(rewards), rewards)
+    assert torch.equal(dist.all_reduce_mean(rewards), rewards)
+    assert dist.any(True) and not dist.any(False)
+    assert dist.run_on_main(lambda: 5) == 5
+    with pytest.raises(MarbleError, match="taken"):
+        dist.run_on_main(refuse)
+    dist.check_same(1, "x", "y")  # nothing to disagree with
+
+
+def test_tensors_digest_sees_every_bit():
+    a = [torch.ones(3), torch.zeros(2, 2)]
+    assert tensors_digest(a) == tensors_digest([t.clone() for t in a])
+    nudged = [a[0].clone(), a[1].clone()]
+    nudged[1][1, 1] = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))
+    assert tensors_digest(nudged) != tensors_digest(a)
+    assert tensors_digest([torch.ones(4)]) != tensors_digest([torch.ones(2, 2)])  # shape counts
+
+
+# ======================================================================= launched tests
+
+@pytest.mark.slow
+def test_collectives_between_two_processes(tmp_path):
+    done, _ = torchrun(["collectives", str(tmp_path)], timeout=90)
+    assert done.returncode == 0, output(done)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    expected_gathered = [[0, 1, 2, 10, 11, 12], [3, 4, 5, 13, 14, 15]]
+    for rank, result in enumerate(results):
+        assert (result["rank"], result["world"]) == (rank, 2)
+        assert result["gathered"] == expected_gathered           # rank-major columns
+        assert result["groups"] == [0, 0, 1, 2, 2, 3]             # ids unique across ranks
+        assert result["local_rows"] == [row[3 * rank:3 * rank + 3] for row in expected_gathered]
+        assert result["mean"] == [0.5, 1.0]
+        assert result["grads"] == [[[1.5, 1.5], [1.5, 1.5]], [0.0, 0.0, 0.0]]
+        assert result["broadcast"] == [0.5]
+        assert result["any_rank1"] is True and result["any_none"] is False
+        assert result["main_result"] == ("from rank 0" if rank == 0 else None)
+        # The same error on every rank, not only where it arose.
+        assert "the rank differs between rank 0 (0) and rank 1 (1)" in result["errors"]["check_same"]
+        assert result["errors"]["run_on_main"] == "run directory is taken"
+
+
+@pytest.mark.slow
+def test_a_collective_times_out_when_a_rank_never_arrives():
+    """No agent to tear the job down (plain processes): MARBLE_DIST_TIMEOUT bounds the wait."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "MARBLE_DIST_TIMEOUT": "4"}
+    procs = [subprocess.Popen([sys.executable, str(THIS_FILE), "hang"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    started = time.monotonic()
+    try:
+        stdout, stderr = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert procs[0].returncode == 3, stdout + stderr
+    assert "rank 0 collective failed" in stdout
+    assert elapsed < 40, f"rank 0 waited {elapsed:.0f}s for a 4 s collective timeout"
+
+
+@pytest.fixture
+def probe_registered():
+    from marble_kit.registry import get_registry
+
+    register_probe()
+    yield
+    get_registry().entries["reward"].pop(PROBE, None)
+
+
+def _config_file(tmp_path: Path) -> Path:
+    import tomli_w
+
+    path = tmp_path / "run.toml"
+    path.write_text(tomli_w.dumps(SETTINGS))
+    return path
+
+
+def _single_process_reference(tmp_path: Path, steps: int, monkeypatch):
+    """The same config in this process (world size 1): history, initial and final weights."""
+    import marble_kit.run as run_module
+    from marble_kit.config import TrainConfig
+
+    captured: dict = {}
+    monkeypatch.setattr(run_module, "Trainer", recording_trainer(captured))
+    config = TrainConfig.from_dict({**SETTINGS, "steps": steps, "out": str(tmp_path / "single")})
+    run_module.train(config, progress=False)
+    trainer = captured["trainer"]
+    return trainer.history, captured["initial"], trainer.policy.state_dict()
+
+
+def _assert_same_metrics(actual: dict, expected: dict, where: str) -> None:
+    """Equal to float tolerance: a different batch split changes this fp32 gradient by ~2e-4
+    relative (measured in one process with micro_batch 2 vs 0); metrics moved ≤ 3e-5. A
+    missing, doubled or per-rank reduction is off by order one (grad_norm by 2×)."""
+    assert set(actual) == set(expected), where
+    for key, value in expected.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(actual[key]), f"{where}: {key}"
+        elif isinstance(value, float):
+            absolute = 2e-4 if key.startswith(("cos/", "cos_update/")) else 1e-7
+            assert actual[key] == pytest.approx(value, rel=1e-3, abs=absolute), f"{where}: {key}"
+        else:
+            assert actual[key] == value, f"{where}: {key}"
+
+
+def _assert_ranks_agree(dumps: list[dict]) -> None:
+    """Every rank took the same steps: identical metrics and bitwise-identical weights."""
+    assert dumps[0]["history"] == dumps[1]["history"] or all(
+        json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN != NaN in ==
+        for a, b in zip(dumps[0]["history"], dumps[1]["history"]))
+    assert dumps[0]["step"] == dumps[1]["step"]
+    for name, tensor in dumps[0]["policy"].items():
+        assert torch.equal(tensor, dumps[1]["policy"][name]), name
+
+
+def _flat(weights: dict) -> torch.Tensor:
+    return torch.cat([weights[k].reshape(-1).double() for k in sorted(weights)])
+
+
+def _assert_close_weights(actual: dict, expected: dict, initial: dict) -> None:
+    """Same weights up to float rounding, measured against the size of the training update.
+
+    A different batch split moves this fp32 gradient by ~2e-4 relative, and Adam's first steps
+    (≈ lr·g/(|g|+ε)) magnify that on coordinates with |g| ≈ ε: measured ≤ 1.5e-3 of the update,
+    as for micro-batching in one process. Training on half the batch is off by order one.
+    """
+    assert sorted(actual) == sorted(expected)
+    error = (_flat(actual) - _flat(expected)).norm()
+    update = (_flat(expected) - _flat(initial)).norm()
+    print(f"weights: |error| {float(error):.3e}, |update| {float(update):.3e}")
+    assert error <= 1e-2 * update, f"|θ_2proc − θ_1proc| = {float(error):.2e}, |Δθ| = {float(update):.2e}"
+
+
+def _dumps(directory: Path) -> list[dict]:
+    return [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_then_resume_and_stop_together(tmp_path, probe_registered,
+                                                                      monkeypatch):
+    reference, initial, reference_weights = _single_process_reference(tmp_path, 3, monkeypatch)
+    run_dir, config = tmp_path / "run", _config_file(tmp_path)
+
+    # Launch 1: steps 1-2 from scratch on 2 ranks.
+    first = tmp_path / "first"
+    first.mkdir()
+    done, _ = torchrun(["cli", "train", "--config", str(config), "--out", str(run_dir),
+                        "--steps", "2", "--no-progress"], env={DUMP_ENV: str(first)})
+    assert done.returncode == 0, output(done)
+    dumps = _dumps(first)
+    _assert_ranks_agree(dumps)
+    assert [m["gram_mode"] for m in dumps[0]["history"]] == ["affine", "reuse"]
+    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference[:2]), start=1):
+        _assert_same_metrics(actual, expected, f"step {step}")
+
+    # Only rank 0 wrote: one metrics line per step, each checkpoint and grid once.
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000000.png", "step-000002.png"]
+
+    # Launch 2: resume on 2 ranks for up to 2 more steps; rank 1 alone gets a Ctrl-C during
+    # step 3. Both ranks stop after step 3 and rank 0 saves it; without the shared stop flag
+    # rank 0 would wait in step 4's collectives for a rank that has left.
+    second = tmp_path / "second"
+    second.mkdir()
+    done, _ = torchrun(["cli", "train", "--resume", str(run_dir), "--steps", "4", "--no-progress"],
+                       env={DUMP_ENV: str(second), SIGINT_ENV: "1:1"})
+    assert done.returncode != 0, output(done)  # an interrupted run exits 130 on every rank
+    assert "interrupted" in done.stdout, output(done)
+    dumps = _dumps(second)
+    _assert_ranks_agree(dumps)
+    assert dumps[0]["step"] == 3 and len(dumps[0]["history"]) == 1, output(done)
+    _assert_same_metrics(dumps[0]["history"][0], reference[2], "step 3 after resume")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "checkpoints" / "step-000003" / "policy.safetensors"))
+    _assert_close_weights(saved, reference_weights, initial)
+    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+
+
+@pytest.mark.slow
+def test_a_reward_error_on_one_rank_ends_the_whole_job(tmp_path):
+    done, elapsed = torchrun(["cli", "train", "--config", str(_config_file(tmp_path)),
+                              "--out", str(tmp_path / "run"), "--steps", "3", "--no-progress"],
+                             env={FAIL_RANK_ENV: "1"}, timeout=120)
+    assert done.returncode != 0, output(done)
+    assert "reward 'probe' raised RuntimeError: probe failure injected on rank 1" in done.stderr, output(done)
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end after rank 1 failed"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step completed anywhere
+
+
+if __name__ == "__main__":
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "cli":
+        cli_worker(rest)
+    elif mode == "collectives":
+        collectives_worker(rest[0])
+    elif mode == "hang":
+        hang_worker()
+    else:
+        raise SystemExit(f"unknown worker mode {mode!r}")
