@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -63,7 +64,7 @@ class Distributed:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def from_environment(cls, backend: str | None = None, timeout_s: float | None = None) -> "Distributed":
+    def from_environment(cls, backend: str | None = None, timeout_s: float | None = None) -> Distributed:
         """Join the process group that torchrun / accelerate describe in the environment.
 
         One GPU per rank: ``LOCAL_RANK`` becomes the current CUDA device *before* the policy

@@ -34,13 +34,13 @@ DUMP_ENV = "MARBLE_TEST_DUMP_DIR"              # where each rank writes rank<R>.
 # Tiny and quick, but every code path of the distributed step: NaN-aware rewards on two tagged
 # prompt sets, groups split across ranks, the periodic Gram (affine solve on steps 1 and 3, one
 # fused backward + gradient all-reduce on step 2), sample grids and checkpoints from rank 0.
-SETTINGS = dict(
-    rewards=["shape", "sharpness", PROBE],
-    prompts=[f"shapes:shape+sharpness+{PROBE}", f"colors:sharpness+{PROBE}"],
-    prompts_per_step=4, images_per_prompt=2, timesteps_per_image=1, sample_steps=3,
-    threads=1, gram="periodic", gram_period=2, checkpoint_every=1, keep_checkpoints=0,
-    sample_every=2, seed=7,
-)
+SETTINGS = {
+    "rewards": ["shape", "sharpness", PROBE],
+    "prompts": [f"shapes:shape+sharpness+{PROBE}", f"colors:sharpness+{PROBE}"],
+    "prompts_per_step": 4, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 3,
+    "threads": 1, "gram": "periodic", "gram_period": 2, "checkpoint_every": 1,
+    "keep_checkpoints": 0, "sample_every": 2, "seed": 7,
+}
 
 
 class ProbeReward(Reward):
@@ -163,7 +163,7 @@ def hang_worker() -> None:
     started = time.monotonic()
     try:
         dist.all_reduce_mean(torch.ones(1))
-    except Exception as exc:  # torch raises a backend-specific error on timeout
+    except RuntimeError as exc:  # torch.distributed.DistBackendError on a gloo timeout
         print(f"rank 0 collective failed after {time.monotonic() - started:.1f}s: "
               f"{type(exc).__name__}", flush=True)
         sys.exit(3)
