@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from marble_plugins import world
 
 PALETTE_NAMES = list(world.COLORS)
@@ -36,8 +35,12 @@ def color_prompts() -> list[str]:
             for c in world.COLORS for s in world.SHAPES for b in world.BACKGROUNDS]
 
 
+MARGIN = 3  # the tiny VAE draws a faint frame in the outermost pixels: ignore them
+
+
 def foreground_mask(image: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
-    """Pixels [H, W] far (RGB distance) from the median colour of the 2-pixel border."""
+    """Pixels [H-2m, W-2m] far (RGB distance) from the median colour of the inner border ring."""
+    image = image[:, MARGIN:-MARGIN, MARGIN:-MARGIN]
     border = torch.cat([image[:, :2].reshape(3, -1), image[:, -2:].reshape(3, -1),
                         image[:, :, :2].reshape(3, -1), image[:, :, -2:].reshape(3, -1)], dim=1)
     background = border.median(dim=1).values.view(3, 1, 1)
@@ -49,19 +52,30 @@ def dominant_color(image: torch.Tensor, min_fraction: float = 0.02) -> str | Non
     mask = foreground_mask(image)
     if mask.float().mean() < min_fraction:
         return None
-    pixels = image[:, mask].T                                  # [N, 3]
+    pixels = image[:, MARGIN:-MARGIN, MARGIN:-MARGIN][:, mask].T     # [N, 3]
     nearest = torch.cdist(pixels, PALETTE).argmin(dim=1)
     return PALETTE_NAMES[int(torch.bincount(nearest, minlength=len(PALETTE)).argmax())]
 
 
-def shape_of(image: torch.Tensor, min_fraction: float = 0.02) -> str | None:
-    """Square / circle / triangle from the foreground's fill ratio of its bounding box."""
+def fill_ratio(image: torch.Tensor, min_run: int = 3) -> float | None:
+    """Foreground fraction of the foreground's bounding box (None without a foreground).
+
+    Rows and columns with fewer than ``min_run`` foreground pixels do not extend the box, so
+    isolated speckles do not inflate it.
+    """
     mask = foreground_mask(image)
-    if mask.float().mean() < min_fraction:
+    rows = (mask.sum(dim=1) >= min_run).nonzero()
+    cols = (mask.sum(dim=0) >= min_run).nonzero()
+    if len(rows) == 0 or len(cols) == 0:
         return None
-    rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum().item() / box.item()
+    return mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].float().mean().item()
+
+
+def shape_of(image: torch.Tensor, min_fraction: float = 0.02) -> str | None:
+    """Square / circle / triangle: the shape whose true fill ratio is nearest."""
+    fill = fill_ratio(image) if foreground_mask(image).float().mean() >= min_fraction else None
+    if fill is None:
+        return None
     return min(SHAPE_FILL, key=lambda name: abs(SHAPE_FILL[name] - fill))
 
 
@@ -69,6 +83,7 @@ def shape_of(image: torch.Tensor, min_fraction: float = 0.02) -> str | None:
 class PriorReport:
     color_accuracy: float       # chance 1/6
     shape_accuracy: float       # chance 1/3
+    fill_by_shape: dict[str, float]  # mean fill ratio per prompted shape (true: 1.0 / 0.785 / 0.5)
     prompt_std: float           # pixel std across prompts at fixed noise
     noise_std: float            # pixel std across noises at a fixed prompt
     variation_ratio: float      # prompt_std / noise_std
@@ -98,10 +113,15 @@ def measure_prior(policy, noises: int = 4, seed: int = 0, prompts: list[str] | N
     targets = wanted * noises
     colors = [dominant_color(image) == t["color"] for image, t in zip(flat, targets)]
     shapes = [shape_of(image) == t["shape"] for image, t in zip(flat, targets)]
+    fills: dict[str, list[float]] = {shape: [] for shape in world.SHAPES}
+    for image, target in zip(flat, targets):
+        if (fill := fill_ratio(image)) is not None:
+            fills[target["shape"]].append(fill)
     prompt_std = images.std(dim=1).mean().item()
     noise_std = images.std(dim=0).mean().item()
     report = PriorReport(
         color_accuracy=sum(colors) / len(colors), shape_accuracy=sum(shapes) / len(shapes),
+        fill_by_shape={shape: sum(v) / max(1, len(v)) for shape, v in fills.items()},
         prompt_std=prompt_std, noise_std=noise_std, variation_ratio=prompt_std / noise_std,
         samples=len(flat), seconds=time.perf_counter() - start)
     return report, images
@@ -121,8 +141,9 @@ def renders_accuracy(count: int = 300, seed: int = 0) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from marble_kit.images import save_grid
     from marble_plugins.policies.sd3 import build_tiny_sd3
+
+    from marble_kit.images import save_grid
 
     parser = argparse.ArgumentParser(description="Measure how well the tiny prior follows prompts.")
     parser.add_argument("--path", default=None, help="prior directory (default: the shipped one)")
@@ -134,10 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     report, images = measure_prior(policy, noises=args.noises, seed=args.seed)
     print(json.dumps({**asdict(report), "renders": renders_accuracy()}, indent=2))
     if args.grid:
-        # one row per (colour, shape) on a rotating background, one column per noise
+        # one row per prompt: (colour, shape) on a rotating background, then the six words;
+        # one column per initial noise
         prompts = color_prompts()
         picks = [i for i, p in enumerate(prompts) if (i // 3) % 3 == i % 3][:18]
-        grid = images[:, picks].transpose(0, 1).reshape(-1, *images.shape[2:])
+        words = [world.Scene(word=w, background=b).prompt()
+                 for w, b in zip(world.WORDS, list(world.BACKGROUNDS) * 2)]
+        word_images = fixed_noise_images(policy, words, args.noises, args.seed)
+        rows = torch.cat([images[:, picks], word_images], dim=1)   # [noises, rows, 3, H, W]
+        grid = rows.transpose(0, 1).reshape(-1, *images.shape[2:])
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(grid, args.grid, ncol=images.shape[0])
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,20 +76,20 @@ class SD3Cond:
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def index(self, idx: torch.Tensor | Sequence[int] | slice) -> "SD3Cond":
+    def index(self, idx: torch.Tensor | Sequence[int] | slice) -> SD3Cond:
         if not isinstance(idx, slice):
             idx = torch.as_tensor(idx, dtype=torch.long, device=self.prompt_embeds.device)
         return SD3Cond(self.prompt_embeds[idx], self.pooled_prompt_embeds[idx])
 
-    def repeat(self, n: int) -> "SD3Cond":
+    def repeat(self, n: int) -> SD3Cond:
         return SD3Cond(self.prompt_embeds.repeat_interleave(n, dim=0),
                        self.pooled_prompt_embeds.repeat_interleave(n, dim=0))
 
-    def to(self, device: torch.device | str) -> "SD3Cond":
+    def to(self, device: torch.device | str) -> SD3Cond:
         return SD3Cond(self.prompt_embeds.to(device), self.pooled_prompt_embeds.to(device))
 
     @staticmethod
-    def cat(conds: Sequence["SD3Cond"]) -> "SD3Cond":
+    def cat(conds: Sequence[SD3Cond]) -> SD3Cond:
         return SD3Cond(torch.cat([c.prompt_embeds for c in conds]),
                        torch.cat([c.pooled_prompt_embeds for c in conds]))
 
@@ -524,14 +525,19 @@ def build_tiny_sd3(path: str | None = None, rank: int = 8, alpha: float | None =
                      sample_batch_size=sample_batch_size, threads=threads)
 
 
-def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       **transformer_overrides: Any):
     """SD3.5 Medium's transformer and VAE with random weights; tiny random CLIP encoders whose
-    pooled width (2048) matches, built directly on ``device``. For timing, not for images."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
+    pooled width (2048) matches, built directly on ``device``. For timing, not for images.
+    ``transformer_overrides`` shrink it for CPU tests (e.g. ``num_layers=1``)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from marble_plugins.policies.tiny_prior import build_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     def clip(tokenizer):
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -543,7 +549,10 @@ def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = 
 
     tokenizer, tokenizer_2 = build_tokenizer(77), build_tokenizer(77)
     with torch.device(device):
-        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG).to(dtype)
+        config = {**SD35_MEDIUM_TRANSFORMER_CONFIG, **transformer_overrides}
+        config["dual_attention_layers"] = tuple(
+            i for i in config["dual_attention_layers"] if i < config["num_layers"])
+        transformer = SD3Transformer2DModel(**config).to(dtype)
         vae = AutoencoderKL(**SD35_VAE_CONFIG)
         encoders = clip(tokenizer), clip(tokenizer_2)
     return StableDiffusion3Pipeline(
