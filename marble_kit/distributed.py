@@ -161,6 +161,14 @@ class Distributed:
             torch_dist.barrier()
 
     # ------------------------------------------------------------------ agreement checks
+    def check_device(self, device: torch.device) -> None:
+        """Under NCCL every rank trains on its own GPU (``LOCAL_RANK``), never a shared one."""
+        device = torch.device(device)
+        if self.device.type == "cuda" and device.type == "cuda" and device.index not in (None, self.local_rank):
+            raise MarbleError(f"rank {self.rank} (LOCAL_RANK {self.local_rank}) was told to train on {device}; "
+                              "leave the policy option `device` unset (or 'cuda') under torchrun/accelerate "
+                              "so that each rank uses its own GPU")
+
     def gather_objects(self, value: Any) -> list[Any]:
         """``value`` of every rank, rank-ordered (picklable objects)."""
         if not self.active:

@@ -288,6 +288,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         restore_global_rng(state.pop("global_rng", None))
         trainer.load_state_dict(state)
     start_step = trainer.step_count
+    dist.check_device(trainer.policy.device)
     if dist.active:  # every rank loaded the same checkpoint (or built the same seeded LoRA init)
         weights = trainer.policy.state_dict()
         dist.check_same((start_step, tensors_digest(weights[k] for k in sorted(weights))),

@@ -233,6 +233,15 @@ def test_single_process_reductions_are_the_identity(monkeypatch):
     dist.check_same(1, "x", "y")  # nothing to disagree with
 
 
+def test_each_rank_must_train_on_its_own_gpu():
+    rank3 = Distributed(rank=3, world_size=8, local_rank=3, device=torch.device("cuda", 3))
+    rank3.check_device(torch.device("cuda"))      # "cuda" = the current device, set per rank
+    rank3.check_device(torch.device("cuda", 3))
+    with pytest.raises(MarbleError, match="LOCAL_RANK 3.*cuda:0"):
+        rank3.check_device(torch.device("cuda", 0))
+    Distributed().check_device(torch.device("cuda", 0))  # one process: any device is fine
+
+
 def test_tensors_digest_sees_every_bit():
     a = [torch.ones(3), torch.zeros(2, 2)]
     assert tensors_digest(a) == tensors_digest([t.clone() for t in a])
