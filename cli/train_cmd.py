@@ -91,7 +91,10 @@ def train(
         console.print(f"[bold]marble train[/] → {config.out}  policy={config.policy}  "
                       f"rewards={','.join(config.rewards)}  balancer={config.balancer}  gram={config.gram}",
                       highlight=False)
-    result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
+    try:
+        result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
+    finally:
+        dist.close()
     if dist.is_main:
         last = result.history[-1] if result.history else {}
         status = "interrupted — checkpoint saved" if result.interrupted else "done"

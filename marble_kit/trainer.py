@@ -217,7 +217,7 @@ class Trainer:
                                       self.config.beta, num_samples=n)
             else:
                 U, W = affine_cotangents_autograd(
-                    lambda out, r: self._loss_per_row(out, batch, sl, r).sum() / n, v)
+                    lambda out, r, sl=sl: self._loss_per_row(out, batch, sl, r).sum() / n, v)
             extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
                      if batch.v_ref is not None else None)
             g, a = gram_ops.per_reward_gradients_affine(v, U, W, batch.r[:, sl], capture, self.params,
