@@ -69,7 +69,8 @@ METHOD_NAMES = tuple(m.name for m in METHODS)
 
 @dataclass
 class ConflictSettings:
-    """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, ~6 min on 2 idle cores)."""
+    """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, the
+    trainer's batch and learning rate; ~8 min on 2 busy cores)."""
 
     steps: int = 30
     seeds: int = 3
@@ -81,10 +82,10 @@ class ConflictSettings:
     eval_seed: int = 1234          # held-out noise: training draws come from seeds 0, 1, 2, ...
     prompts_per_step: int = 4
     images_per_prompt: int = 4
-    timesteps_per_image: int = 2   # half the default: more steps fit in the 10-minute budget
+    timesteps_per_image: int = 4
     sample_steps: int = 8
     gram_period: int = 10
-    lr: float = 1e-2               # the pilot's rate (notes/conflict-experiment.md): visible change in 30 steps
+    lr: float = 3e-3               # the trainer's default; 1e-2 degraded even a single reward here
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
 
