@@ -40,10 +40,18 @@ def test_diagnosed_cosines_match_the_trainers_own_on_the_same_step():
         policy = build_policy(config)
         trainer = cls(config, components_for(config, policy))
         results[gram] = [trainer.step() for _ in range(2)]
+    rewards = TrainConfig().rewards
     for own, measured in zip(results["affine"], results["none"]):
         assert "cos_measured_by_bench" in measured and "cos_measured_by_bench" not in own
-        for key in ("cos/worst", "cos_update/worst", "cos/color", "cos_update/sharpness"):
-            assert measured[key] == pytest.approx(own[key], abs=2e-3), key
+        # A reward that judged no sample of the batch, right after the old policy caught up
+        # (v_θ = v_old), has a gradient of float noise whose direction means nothing: skip it.
+        norms = {n: own[f"grad_norm/{n}"] for n in rewards}
+        live = [n for n in rewards if norms[n] > 1e-3 * max(norms.values())]
+        assert len(live) >= 2
+        for name in live:
+            for prefix in ("cos", "cos_update"):
+                key = f"{prefix}/{name}"
+                assert measured[key] == pytest.approx(own[key], abs=2e-3), key
 
 
 @pytest.mark.slow

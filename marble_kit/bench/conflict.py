@@ -330,5 +330,6 @@ def plot_conflict(report: dict[str, Any], path) -> Any:
                        yerr=[row["changes"][n]["spread"] for n in rewards], label=row["method"])
     axes[0][2].axhline(0.0, color="black", lw=0.8)
     axes[0][2].set(xticks=range(len(rewards)), xticklabels=rewards, ylabel="change (base std)",
-                   title="held-out change over the base policy")
+                   title="held-out change over the base policy (± spread)")
+    axes[0][2].legend(fontsize=7)
     return save_figure(fig, path)
