@@ -22,8 +22,8 @@ from marble_kit.errors import MarbleError
 from marble_kit.trainer import Trainer
 
 runner = CliRunner()
-TINY = dict(prompts_per_step=2, images_per_prompt=2, timesteps_per_image=1, sample_steps=2,
-            out="unused", steps=2, seed=5)
+TINY = {"prompts_per_step": 2, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 2,
+            "out": "unused", "steps": 2, "seed": 5}
 
 
 def _params(trainer):
