@@ -41,15 +41,17 @@ class TrainConfig:
     # run
     out: str = _f("runs/marble", "Run directory.")
     seed: int = _f(0, "Seed of everything (prompt order, noise, timesteps, LoRA init).")
-    steps: int = _f(40, "Optimizer steps.")
+    steps: int = _f(150, "Optimizer steps.")
     prompts_per_step: int = _f(4, "P: prompts per step.")
     images_per_prompt: int = _f(4, "G: images per prompt (a group for the advantages).")
     sample_steps: int = _f(8, "Sampler steps of each rollout.")
     timesteps_per_image: int = _f(4, "Training timesteps drawn per image (folded into the batch).")
     micro_batch: int = _f(0, "Rows per forward/backward pass (0 = the whole batch at once).")
     # DiffusionNFT
-    beta: float = _f(0.1, "NFT strength β (1.0 single reward, 0.1 multi-reward in DiffusionNFT).")
-    kl: float = _f(1e-4, "Weight of the reference anchor mean‖v_θ − v_ref‖² (not balanced).")
+    beta: float = _f(1.0, "NFT strength β (DiffusionNFT: 1.0 single reward, 0.1 multi-reward on SD3.5; "
+                      "1.0 measured best on tiny-sd3, docs/user-guide.md).")
+    kl: float = _f(1e-2, "Weight of the reference anchor mean‖v_θ − v_ref‖² (not balanced; SD3.5 "
+                    "configs use ~1e-4).")
     loss_space: str = _f("x0", "NFT loss in x0 space (DiffusionNFT) or velocity space.")
     adv_clip: float = _f(5.0, "A_max: advantages are clipped to ±A_max.")
     adv_std: str = _f("global", "Advantage std over the whole batch ('global') or per group.")
@@ -58,7 +60,7 @@ class TrainConfig:
     old_decay_rate: float = _f(0.02, "Old-policy EMA decay = min(rate·step, old_decay_max).")
     old_decay_max: float = _f(0.5, "Cap of the old-policy EMA decay.")
     # optimizer
-    lr: float = _f(3e-3, "AdamW learning rate (SPEC: 3e-4 for SD3.5 Medium).")
+    lr: float = _f(5e-3, "AdamW learning rate (tiny-sd3; 3e-4 for SD3.5 Medium).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW β1.")
     adam_beta2: float = _f(0.999, "AdamW β2.")
@@ -70,9 +72,9 @@ class TrainConfig:
     gram_solver: str = _f("affine", "How the periodic mode computes the Gram on solve steps.")
     # outputs
     log_every: int = _f(1, "Metrics line every N steps.")
-    checkpoint_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).")
+    checkpoint_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
-    sample_every: int = _f(20, "Sample grid every N steps (0 = off).")
+    sample_every: int = _f(50, "Sample grid every N steps (0 = off).")
     threads: int = _f(0, "torch threads (0 = leave torch's default).")
     reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device) or a "
                             "torch device such as 'cpu' (keeps the GPU for the policy).")

@@ -85,7 +85,7 @@ class ConflictSettings:
     timesteps_per_image: int = 4
     sample_steps: int = 8
     gram_period: int = 10
-    lr: float = 3e-3               # the trainer's default; 1e-2 degraded even a single reward here
+    lr: float = 5e-3               # the trainer's default; 1e-2 degraded even a single reward here
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
 

@@ -60,7 +60,7 @@ class FidelitySettings:
     images_per_prompt: int = 4
     timesteps_per_image: int = 4
     sample_steps: int = 8
-    lr: float = 3e-3
+    lr: float = 5e-3
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
 
