@@ -21,7 +21,7 @@ from marble_kit.checkpoint import load_checkpoint, resolve_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
-from marble_kit.prompts import applicability_mask, load_prompt_sets
+from marble_kit.prompts import applicability_mask, load_prompt_sets, resolve_prompt_sets, tagged_rewards
 from marble_kit.registry import build
 from marble_kit.run import CONFIG_FILE, check_compatible, read_run_config
 
@@ -116,7 +116,7 @@ def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list
     meta, state = load_checkpoint(checkpoint)
     config = checkpoint_config(checkpoint, meta)
 
-    prompt_sets = load_prompt_sets(prompts or _eval_prompt_specs(config))
+    prompt_sets = load_prompt_sets(prompts) if prompts else _eval_prompt_sets(config)
     reward_names = rewards or list(config.rewards)
     options = {**config.reward_options, **(reward_options or {})}
     reward_models = [build("reward", name, options.get(name, {})) for name in reward_names]
@@ -151,6 +151,8 @@ def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list
     return report
 
 
-def _eval_prompt_specs(config: TrainConfig) -> list[str]:
-    """Held-out prompts for the embedded default; otherwise the run's own prompt sets."""
-    return ["world_eval"] if list(config.prompts) == ["default"] else list(config.prompts)
+def _eval_prompt_sets(config: TrainConfig) -> list:
+    """Held-out world prompts for a world-reward run on `default`; otherwise the run's own sets."""
+    if list(config.prompts) == ["default"] and set(tagged_rewards(load_prompt_sets(["default"]))) & set(config.rewards):
+        return load_prompt_sets(["world_eval"])
+    return resolve_prompt_sets(config.prompts, config.rewards)

@@ -269,6 +269,32 @@ def load_prompt_sets(spec: str | Path | Sequence[str | Path]) -> list[PromptSet]
     return sets
 
 
+def resolve_prompt_sets(spec: str | Path | Sequence[str | Path], rewards: Sequence[str]) -> list[PromptSet]:
+    """Prompt sets for a run with ``rewards``; the plain ``default`` adapts to the rewards.
+
+    ``default`` is the world mixture (``default.toml``) when some configured reward judges
+    world prompts: each set keeps the tags that are configured, configured rewards the
+    manifest never tags (e.g. ``brightness``) judge every set, and sets left with no reward
+    are dropped. With none of the world rewards (e.g. ``hps,pickscore,ocr``) it is the
+    ``general`` prompt set, plus the ``ocr`` set when ``ocr`` is configured.
+    """
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if [str(item) for item in items] != ["default"]:
+        return load_prompt_sets(items)
+    world_sets = load_prompt_sets(["default"])
+    world_rewards = set(tagged_rewards(world_sets))
+    if not world_rewards & set(rewards):
+        return load_prompt_sets(["general"] + (["ocr"] if "ocr" in rewards else []))
+    global_rewards = [name for name in rewards if name not in world_rewards]
+    kept = []
+    for prompt_set in world_sets:
+        tags = [name for name in (prompt_set.rewards or []) if name in rewards] + global_rewards
+        if tags:
+            prompt_set.rewards = tags
+            kept.append(prompt_set)
+    return kept
+
+
 def tagged_rewards(sets: Sequence[PromptSet]) -> list[str]:
     """Every reward some set is tagged with, in order of first appearance."""
     names: list[str] = []

@@ -30,7 +30,7 @@ from marble_kit.nft import (
     nft_loss_per_sample,
     velocity_loss_per_sample,
 )
-from marble_kit.prompts import PromptSampler, applicability_mask, load_prompt_sets
+from marble_kit.prompts import PromptSampler, applicability_mask, resolve_prompt_sets
 from marble_kit.registry import build
 
 
@@ -47,7 +47,7 @@ class Components:
 
 def build_components(config: TrainConfig) -> Components:
     """Rewards first (missing weights fail fast, before the policy loads), then the rest."""
-    prompt_sets = load_prompt_sets(config.prompts)
+    prompt_sets = resolve_prompt_sets(config.prompts, config.rewards)
     rewards = [build("reward", name, config.reward_options.get(name, {})) for name in config.rewards]
     unknown_options = set(config.reward_options) - set(config.rewards)
     if unknown_options:

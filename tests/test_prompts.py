@@ -271,3 +271,21 @@ def test_applicability_mask_of_the_default_mixture():
                              [False, False, True, True], [True, True, True, True]]
     with pytest.raises(MarbleError, match="out of range"):
         applicability_mask([3], ["color"], sets)
+
+
+def test_default_prompts_adapt_to_the_configured_rewards():
+    from marble_kit.prompts import resolve_prompt_sets
+
+    world = resolve_prompt_sets(["default"], ["color", "shape", "word", "sharpness"])
+    assert [(s.name, s.rewards) for s in world] == [
+        ("colors", ["color", "sharpness"]), ("shapes", ["shape", "sharpness"]), ("words", ["word", "sharpness"])]
+    # a subset keeps its own tags; an untagged reward (brightness) judges every kept set
+    subset = resolve_prompt_sets(["default"], ["color", "brightness"])
+    assert [(s.name, s.rewards) for s in subset] == [
+        ("colors", ["color", "brightness"]), ("shapes", ["brightness"]), ("words", ["brightness"])]
+    # real-model rewards get the general prompts, plus the OCR prompts for `ocr`
+    real = resolve_prompt_sets(["default"], ["hps", "pickscore", "ocr"])
+    assert [s.name for s in real] == ["general", "ocr"] and all(s.rewards is None for s in real)
+    assert [s.name for s in resolve_prompt_sets(["default"], ["hps"])] == ["general"]
+    # anything but the plain `default` is taken as given
+    assert [s.name for s in resolve_prompt_sets(["colors:color"], ["color", "shape"])] == ["colors"]

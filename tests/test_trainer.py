@@ -94,7 +94,7 @@ def test_a_reward_that_raises_is_an_error_naming_it():
 
 
 def test_prompt_tags_must_name_configured_rewards():
-    config = TrainConfig(**{**TINY, "rewards": ["color"], "prompts": ["default"]})
+    config = TrainConfig(**{**TINY, "rewards": ["color"], "prompts": ["colors:color+sharpness"]})
     with pytest.raises(MarbleError, match="prompt set 'colors' is tagged with reward 'sharpness'"):
         build_components(config)
 
