@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -390,29 +390,3 @@ class Trainer:
         self.clip_scale = float(state["clip_scale"])
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
-
-
-def run_steps(trainer: Trainer, steps: int,
-              on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``steps`` optimizer steps, calling ``on_step(metrics)`` after each."""
-    history = []
-    for _ in range(steps):
-        metrics = trainer.step()
-        history.append(metrics)
-        if on_step is not None:
-            on_step(metrics)
-    return history
-
-
-def evaluate_rewards(policy, rewards: Sequence[Any], reward_names: Sequence[str], prompts: Sequence[str],
-                     seed: int, steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards [K, N] and images of the policy's *current* weights on fixed prompts and noise."""
-    generator = torch.Generator().manual_seed(seed)
-    all_scores, all_images = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        with torch.no_grad():
-            rollout = policy.sample(chunk, generator=generator, steps=steps, use_old=False)
-        all_images.append(rollout.images)
-        all_scores.append(torch.stack([reward(rollout.images, chunk).float() for reward in rewards]))
-    return torch.cat(all_scores, dim=1), torch.cat(all_images)
