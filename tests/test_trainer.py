@@ -115,7 +115,8 @@ def test_short_run_raises_a_single_offline_reward():
     from marble_kit.prompts import load_prompt_sets
 
     trainer = _trainer(rewards=["brightness"], prompts=["colors"], prompts_per_step=4,
-                       images_per_prompt=4, timesteps_per_image=2, sample_steps=6, lr=1e-2, beta=1.0)
+                       images_per_prompt=4, timesteps_per_image=2, sample_steps=6, lr=1e-2, beta=1.0,
+                       kl=1e-4)
     prompts = [p for p in load_prompt_sets(["world_eval"])[0].prompts[:12] for _ in range(2)]
     mask = torch.ones(1, len(prompts), dtype=torch.bool)
     base, _ = score_policy(trainer.policy, trainer.rewards, prompts, mask, seed=5, steps=6)
