@@ -13,6 +13,7 @@ device placement and validation.
 
 from __future__ import annotations
 
+import abc
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from marble_kit.errors import MarbleError
 
 
-class Reward:
+class Reward(abc.ABC):
     """Base class of reward models.
 
     Attributes:
@@ -33,9 +34,9 @@ class Reward:
     batch_size: int = 32
     device: torch.device = torch.device("cpu")
 
+    @abc.abstractmethod
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Scores for one batch (already on ``self.device``)."""
-        raise NotImplementedError  # abstract: every reward implements this
 
     def to(self, device: torch.device | str) -> "Reward":
         """Move the reward's model (if any) to ``device``; subclasses with modules extend this."""

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import math
 import re
 from contextlib import contextmanager
@@ -358,7 +360,7 @@ def pooled_features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class ClipEncoders:
+class ClipEncoders(abc.ABC):
     """Image and text embeddings of one CLIP, whatever format it came in.
 
     Subclasses implement :meth:`image_features` / :meth:`text_features`; ``module`` is what
@@ -368,11 +370,13 @@ class ClipEncoders:
     module: nn.Module
     image_size: int
 
+    @abc.abstractmethod
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """L2-normalized image embeddings [B, D]."""
 
+    @abc.abstractmethod
     def text_features(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """L2-normalized text embeddings [B, D]."""
 
     @property
     def dtype(self) -> torch.dtype:

@@ -17,6 +17,8 @@ are computed for a whole batch with a few tensor operations.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from functools import lru_cache
 from typing import Sequence
@@ -216,9 +218,9 @@ class _WorldReward(Reward):
             scores[index] = self.fidelity(images[index.to(images.device)], values).float().cpu()
         return scores
 
+    @abc.abstractmethod
     def fidelity(self, images: torch.Tensor, named: list[str]) -> torch.Tensor:
         """Scores in [0, 1] for images that name an attribute value each."""
-        raise NotImplementedError  # each world reward implements it
 
 
 class ColorFidelity(_WorldReward):
