@@ -76,8 +76,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
     sample_every: int = _f(50, "Sample grid every N steps (0 = off).")
     threads: int = _f(0, "torch threads (0 = leave torch's default).")
-    reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device) or a "
-                            "torch device such as 'cpu' (keeps the GPU for the policy).")
+    reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device), "
+                            "'offload' (kept on the CPU, moved to the policy's device only while "
+                            "scoring: saves GPU memory between rollouts) or a torch device such as 'cpu'.")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> MarbleError:

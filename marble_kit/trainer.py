@@ -30,6 +30,7 @@ from marble_kit.nft import (
     nft_loss_per_sample,
     velocity_loss_per_sample,
 )
+from marble_kit.policy import offloaded
 from marble_kit.prompts import PromptSampler, applicability_mask, resolve_prompt_sets
 from marble_kit.registry import build
 
@@ -64,7 +65,10 @@ def build_components(config: TrainConfig) -> Components:
                 )
     balancer = build("balancer", config.balancer, config.balancer_options, len(config.rewards))
     policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
-    reward_device = policy.device if config.reward_device == "policy" else torch.device(config.reward_device)
+    if config.reward_device in ("policy", "offload"):
+        reward_device = policy.device if config.reward_device == "policy" else torch.device("cpu")
+    else:
+        reward_device = torch.device(config.reward_device)
     for reward in rewards:
         reward.to(reward_device)
     return Components(policy, rewards, list(config.rewards), balancer, prompt_sets)
@@ -149,12 +153,14 @@ class Trainer:
         """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it."""
         scores = []
         for name, reward in zip(self.reward_names, self.rewards):
-            try:
-                scores.append(reward(images, prompts).float())
-            except MarbleError:
-                raise
-            except Exception as exc:
-                raise MarbleError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+            # `offload`: the reward model visits the policy's device only while it scores.
+            with offloaded([reward], self.policy.device, enabled=self.config.reward_device == "offload"):
+                try:
+                    scores.append(reward(images, prompts).float())
+                except MarbleError:
+                    raise
+                except Exception as exc:
+                    raise MarbleError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
         rewards = torch.stack(scores)
         mask = applicability_mask(set_ids, self.reward_names, self.components.prompt_sets)
         return torch.where(mask, rewards, torch.full_like(rewards, float("nan")))

@@ -125,3 +125,33 @@ def test_short_run_raises_a_single_offline_reward():
     after, _ = score_policy(trainer.policy, trainer.rewards, prompts, mask, seed=5, steps=6)
     gain_in_base_std = float((after.mean() - base.mean()) / base.std())
     assert gain_in_base_std > 0.2, gain_in_base_std  # measured ≈ 0.5 at 20 steps
+
+
+@pytest.mark.slow
+def test_offloaded_rewards_visit_the_policy_device_only_while_scoring():
+    """reward_device='offload': rewards live on the CPU and are moved for scoring, then back."""
+    moves = []
+
+    class Tracking:
+        name = "tracking"
+
+        def __call__(self, images, prompts):
+            moves.append(("score", str(self.device)))
+            return images.mean(dim=(1, 2, 3))
+
+        def to(self, device):
+            self.device = torch.device(device)
+            moves.append(("to", str(self.device)))
+            return self
+
+    registry = get_registry()
+    registry.entries["reward"].pop("tracking", None)
+    registry.add(PluginInfo("reward", "tracking", Tracking, "tracks devices", "tests", __name__))
+    try:
+        trainer = _trainer(rewards=["tracking"], prompts=["colors"], reward_device="offload")
+        moves.clear()
+        trainer.step()
+        assert moves == [("to", "cpu"), ("score", "cpu"), ("to", "cpu")]  # policy on the CPU here
+        assert trainer.rewards[0].device == torch.device("cpu")
+    finally:
+        registry.entries["reward"].pop("tracking", None)
