@@ -54,17 +54,3 @@ def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
 def save_grid(images: torch.Tensor, path: str | Path, captions: Sequence[str] | None = None,
               ncol: int | None = None) -> Path:
     return save_png_atomic(make_grid(images, ncol=ncol, captions=captions), path)
-
-
-def load_images(paths: Sequence[str | Path]) -> torch.Tensor:
-    """Image files → [B, 3, H, W] float in [0, 1] (all resized to the first image's size)."""
-    tensors = []
-    size = None
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            size = size or image.size
-            if image.size != size:
-                image = image.resize(size, Image.BICUBIC)
-            tensors.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return torch.stack(tensors)
