@@ -66,7 +66,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Fine-tune a policy with MARBLE (defaults: tiny-sd3, offline specialist rewards, marble balancer)."""
-    from marble_kit.distributed import Distributed
+    from marble_kit.distributed import CollectiveError, Distributed
     from marble_kit.run import read_run_config
     from marble_kit.run import train as run_train
 
@@ -93,6 +93,9 @@ def train(
                       highlight=False)
     try:
         result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
+    except CollectiveError as exc:  # a peer died or hung: leave without teardown
+        dist.exit_after_collective_failure(exc)
+        raise
     finally:
         dist.close()
     if dist.is_main:

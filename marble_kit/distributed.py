@@ -15,9 +15,11 @@ closed connection and every collective times out after ``MARBLE_DIST_TIMEOUT`` s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +35,24 @@ TIMEOUT_ENV = "MARBLE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 
 T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer rank died, stopped responding past the timeout, or the
+    connection broke. ``marble train`` reports it in one line and exits without teardown."""
+
+
+@contextlib.contextmanager
+def _collective(name: str):
+    """Re-raise the backend's error (gloo raises a bare RuntimeError on a timeout) as a
+    :class:`CollectiveError` naming the collective."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CollectiveError(f"{name} failed: {detail}") from exc
 
 
 def timeout_from_environment(default: float = DEFAULT_TIMEOUT_S) -> float:
@@ -105,7 +125,8 @@ class Distributed:
             return rewards, group_ids
         local = rewards.contiguous().to(self.device)
         pieces = [torch.empty_like(local) for _ in range(self.world_size)]
-        torch_dist.all_gather(pieces, local)
+        with _collective("all_gather"):
+            torch_dist.all_gather(pieces, local)
         groups_per_rank = int(group_ids.max()) + 1  # the same on every rank: P/W groups each
         ids = torch.cat([group_ids + rank * groups_per_rank for rank in range(self.world_size)])
         return torch.cat(pieces, dim=1).to(rewards.device), ids
@@ -122,7 +143,8 @@ class Distributed:
         if not self.active:
             return tensor
         buffer = tensor.detach().to(self.device, copy=True).contiguous()
-        torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
+        with _collective("all_reduce"):
+            torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
         return (buffer / self.world_size).to(tensor.device)
 
     def all_reduce_mean_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
@@ -145,7 +167,8 @@ class Distributed:
         if not self.active:
             return tensor
         buffer = tensor.detach().to(self.device, copy=True).contiguous()
-        torch_dist.broadcast(buffer, src=0)
+        with _collective("broadcast"):
+            torch_dist.broadcast(buffer, src=0)
         return buffer.to(tensor.device)
 
     def any(self, flag: bool) -> bool:
@@ -153,12 +176,14 @@ class Distributed:
         if not self.active:
             return bool(flag)
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        with _collective("all_reduce"):
+            torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
     def barrier(self) -> None:
         if self.active:
-            torch_dist.barrier()
+            with _collective("barrier"):
+                torch_dist.barrier()
 
     # ------------------------------------------------------------------ agreement checks
     def check_device(self, device: torch.device) -> None:
@@ -174,7 +199,8 @@ class Distributed:
         if not self.active:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        torch_dist.all_gather_object(gathered, value)
+        with _collective("all_gather_object"):
+            torch_dist.all_gather_object(gathered, value)
         return gathered
 
     def check_same(self, value: Any, what: str, fix: str) -> None:
@@ -199,11 +225,27 @@ class Distributed:
                 message = str(exc)
         if self.active:
             box = [message]
-            torch_dist.broadcast_object_list(box, src=0)
+            with _collective("broadcast_object_list"):
+                torch_dist.broadcast_object_list(box, src=0)
             message = box[0]
         if message is not None:
             raise MarbleError(message)
         return result
+
+    def exit_after_collective_failure(self, exc: BaseException, code: int = 1) -> None:
+        """Report a failed collective in one line and end this process at once.
+
+        After a gloo/NCCL timeout the process group still owns threads blocked on the dead peer;
+        tearing it down (``destroy_process_group`` or interpreter shutdown) can hang or abort
+        with SIGABRT. So the message is flushed and the process leaves via ``os._exit`` without
+        running destructors; checkpoints already on disk are complete (they are written atomically).
+        """
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(f"error: rank {self.rank}: {first_line}; another "
+              f"rank failed or stopped responding; see its log, or raise {TIMEOUT_ENV} if rank 0 needs "
+              "longer for checkpoints", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
 
     def close(self) -> None:
         """Leave the process group (at the end of a run)."""

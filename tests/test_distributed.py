@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marble_kit.distributed import Distributed, tensors_digest, timeout_from_environment
+from marble_kit.distributed import CollectiveError, Distributed, tensors_digest, timeout_from_environment
 from marble_kit.errors import MarbleError
 from marble_kit.rewards import Reward
 
@@ -166,10 +166,9 @@ def hang_worker() -> None:
     started = time.monotonic()
     try:
         dist.all_reduce_mean(torch.ones(1))
-    except RuntimeError as exc:  # torch.distributed.DistBackendError on a gloo timeout
-        print(f"rank 0 collective failed after {time.monotonic() - started:.1f}s: "
-              f"{type(exc).__name__}", flush=True)
-        sys.exit(3)
+    except CollectiveError as exc:  # the gloo timeout
+        print(f"rank 0 collective failed after {time.monotonic() - started:.1f}s", flush=True)
+        dist.exit_after_collective_failure(exc, code=3)  # the product's exit path (no teardown)
     sys.exit(0)
 
 
@@ -296,6 +295,7 @@ def test_a_collective_times_out_when_a_rank_never_arrives():
             proc.wait()
     assert procs[0].returncode == 3, stdout + stderr
     assert "rank 0 collective failed" in stdout
+    assert "error: rank 0: all_reduce failed" in stderr and "Traceback" not in stderr, stderr
     assert elapsed < 40, f"rank 0 waited {elapsed:.0f}s for a 4 s collective timeout"
 
 
