@@ -102,8 +102,7 @@ def load_sd3_pipeline(directory: str | Path, *, use_t5: bool = True,
 
     T5 is skipped when ``use_t5`` is false or the directory has none (``text_encoder_3`` null).
     """
-    from diffusers import StableDiffusion3Pipeline
-
+    StableDiffusion3Pipeline = sd3_pipeline_class()
     directory = Path(directory)
     index_file = directory / "model_index.json"
     if not index_file.is_file():
@@ -121,6 +120,21 @@ def load_sd3_pipeline(directory: str | Path, *, use_t5: bool = True,
             return StableDiffusion3Pipeline.from_pretrained(directory, local_files_only=True, **extra)
     except (OSError, ValueError) as exc:
         raise MarbleError(f"could not load the SD3 pipeline from {directory}: {exc}") from exc
+
+
+def sd3_pipeline_class():
+    """diffusers' StableDiffusion3Pipeline, imported without transformers' notes that its
+    IP-adapter image processors fall back to PIL without torchvision (marble-kit never uses
+    them, and the CPU install has no torchvision: pyproject.toml, docs/rewards.md)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusion3Pipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return StableDiffusion3Pipeline
 
 
 @contextmanager

@@ -189,7 +189,11 @@ def build_vae():
 
 def build_pipeline(config: PriorConfig):
     """A randomly initialised tiny StableDiffusion3Pipeline (seeded), without T5."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from marble_plugins.policies.sd3 import sd3_pipeline_class
+
+    StableDiffusion3Pipeline = sd3_pipeline_class()
 
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config.model_max_length)
