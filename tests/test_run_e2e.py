@@ -33,10 +33,9 @@ runner = CliRunner()
 REWARDS = ["color", "shape", "word", "sharpness"]  # the embedded default
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
-# Diagnostics that are not part of the trajectory: wall-clock times, and OSQP's iteration
-# count, which depends on its internal workspace (adaptive ρ) that cannot be serialized —
-# the λ it returns is refined exactly, so weights and every other metric must match bit for bit.
-NOT_COMPARED = ("time/", "balancer/qp_iterations")
+# Wall-clock times are not part of the trajectory; everything else (OSQP's iteration counts
+# included: the QP warm start is checkpointed) must match bit for bit.
+NOT_COMPARED = ("time/",)
 MATPLOTLIB_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 
 
@@ -274,4 +273,20 @@ def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
     assert trajectory(metric_lines(tmp_path / "resumed")) == trajectory(rows)
     left = load_file(tmp_path / "full" / "checkpoints" / "step-000005" / "policy.safetensors")
     right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000005" / "policy.safetensors")
+    assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_resume_is_bit_exact_with_upgrad(tmp_path):
+    """UPGrad chains K warm-started QPs per step: its solver state must survive a resume too."""
+    from marble_kit.run import train as run_train
+
+    settings = {"prompts_per_step": 3, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 4,
+                "threads": 1, "sample_every": 0, "checkpoint_every": 0, "balancer": "upgrad", "steps": 4}
+    full = TrainConfig.from_dict({**settings, "out": str(tmp_path / "full")})
+    run_train(full, progress=False)
+    run_train(full.replace(out=str(tmp_path / "resumed"), steps=2), progress=False)
+    run_train(full.replace(out=str(tmp_path / "resumed")), resume=True, progress=False)
+    assert trajectory(metric_lines(tmp_path / "resumed")) == trajectory(metric_lines(tmp_path / "full"))
+    left = load_file(tmp_path / "full" / "checkpoints" / "step-000004" / "policy.safetensors")
+    right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "policy.safetensors")
     assert all(torch.equal(left[k], right[k]) for k in left)

@@ -42,7 +42,7 @@ def benchmark_qp(ks: range | list[int] = range(2, 11), repeats: int = 200, warmu
             start = time.perf_counter()
             result = solver.solve(gram, normalize)
             elapsed = time.perf_counter() - start
-            if index >= warmup:  # the first solves include OSQP's setup and factorization
+            if index >= warmup:  # the first solves start cold (no warm start or adapted ρ yet)
                 times.append(elapsed * 1e3)
                 iterations.append(result.metrics["balancer/qp_iterations"])
                 if normalize == "none":

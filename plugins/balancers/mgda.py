@@ -63,12 +63,14 @@ class MgdaQP:
         return self.last_weights.clone()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
+        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps)),
+                **self.solver.state_dict()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         where = f"balancer {self.name!r}"
         self.lam = state_tensor(state, "lam", (self.num_rewards,), where)
         self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), where))
+        self.solver.load_state_dict(state)
 
 
 @hookimpl

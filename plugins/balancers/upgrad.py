@@ -93,11 +93,13 @@ class UPGrad:
         return to_tensor(weights)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
+        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps)),
+                **self.qp.state_dict()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.lam = state_tensor(state, "lam", (self.num_rewards,), f"balancer {self.name!r}")
         self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), f"balancer {self.name!r}"))
+        self.qp.load_state_dict(state)
 
 
 @hookimpl
