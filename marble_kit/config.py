@@ -65,6 +65,9 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW β1.")
     adam_beta2: float = _f(0.999, "AdamW β2.")
     grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).")
+    optimizer_sharding: str = _f("none", "'zero': shard AdamW's moments across ranks (ZeRO-1, torch's "
+                                 "ZeroRedundancyOptimizer) in multi-process runs; 'none': every rank "
+                                 "holds them all.")
     # balancing
     gram: str = _f("affine", "Gram mode: affine (2 backward passes, exact), exact (K+1), "
                    "periodic (solve every gram_period steps), none.")
@@ -98,6 +101,8 @@ class TrainConfig:
                 raise bad(name, f"must be ≥ 1, got {getattr(self, name)}")
         if self.gram not in GRAM_MODES:
             raise bad("gram", f"must be one of {', '.join(GRAM_MODES)}, got {self.gram!r}")
+        if self.optimizer_sharding not in ("none", "zero"):
+            raise bad("optimizer_sharding", f"must be none or zero, got {self.optimizer_sharding!r}")
         if self.gram_solver not in ("affine", "exact"):
             raise bad("gram_solver", f"must be affine or exact, got {self.gram_solver!r}")
         if self.loss_space not in LOSS_SPACES:

@@ -232,6 +232,11 @@ class Distributed:
             raise MarbleError(message)
         return result
 
+    def consolidate_optimizer(self, optimizer: Any) -> None:
+        """Gather a ZeroRedundancyOptimizer's shards on rank 0 (a collective: every rank calls it)."""
+        with _collective("consolidate_state_dict"):
+            optimizer.consolidate_state_dict(to=0)
+
     def exit_after_collective_failure(self, exc: BaseException, code: int = 1) -> None:
         """Report a failed collective in one line and end this process at once.
 

@@ -40,7 +40,7 @@ SAMPLE_SEED_OFFSET = 424242  # sample grids use their own noise, never the train
 SAMPLE_COUNT = 8
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUMABLE_KEYS = {"steps", "out", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "threads"}
+                  "threads", "optimizer_sharding"}
 
 
 @dataclass
@@ -309,6 +309,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     def checkpoint() -> None:
         if saved["step"] == trainer.step_count:
             return
+        trainer.consolidate()  # every rank: a sharded optimizer state is gathered on rank 0
         if dist.is_main:
             full_state = {**trainer.state_dict(), "global_rng": capture_global_rng()}
             saved["path"] = save_checkpoint(run_dir, trainer.step_count, full_state, trainer.policy, meta,

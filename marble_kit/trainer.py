@@ -10,6 +10,7 @@ One step, top to bottom:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -104,10 +105,7 @@ class Trainer:
         self.params = list(self.policy.trainable_parameters())
         if not self.params:
             raise MarbleError(f"policy {cfg.policy!r} has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = self._build_optimizer()
         if cfg.prompts_per_step % self.dist.world_size:
             raise MarbleError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the "
                               f"number of processes ({self.dist.world_size}); groups stay whole on one rank")
@@ -119,6 +117,29 @@ class Trainer:
         self.clip_scale = 1.0
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; with ``optimizer_sharding = "zero"`` in a multi-process run, wrapped in torch's
+        ZeroRedundancyOptimizer: each rank keeps and updates the moments of its share of the
+        parameters and broadcasts the updated values (same math, 1/W of the optimizer memory)."""
+        cfg = self.config
+        options = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
+        if cfg.optimizer_sharding == "zero":
+            metric = getattr(self.balancer, "gram_metric", "euclidean")
+            if metric != "euclidean":
+                raise MarbleError(f"optimizer_sharding=\"zero\" keeps each rank's share of AdamW's moments "
+                                  f"only, but balancer metric {metric!r} reads all of them on every rank; "
+                                  "use optimizer_sharding=\"none\" or the euclidean metric")
+            if self.dist.active:
+                from torch.distributed.optim import ZeroRedundancyOptimizer
+
+                return ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, **options)
+        return torch.optim.AdamW(self.params, **options)
+
+    def consolidate(self) -> None:
+        """Before :meth:`state_dict` on rank 0, on every rank: gather a sharded optimizer state."""
+        if hasattr(self.optimizer, "consolidate_state_dict"):
+            self.dist.consolidate_optimizer(self.optimizer)
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -390,7 +411,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step"])
         self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # ZeroRedundancyOptimizer.load_state_dict blanks the other ranks' entries of the dict it
+        # is given: hand it a copy. (Its consolidated state is AdamW's, so either loads the other.)
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.balancer.load_state_dict(state["balancer"])
         self.loss_weights = state["loss_weights"]
         self.clip_scale = float(state["clip_scale"])

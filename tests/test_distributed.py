@@ -113,8 +113,10 @@ def cli_worker(argv: list[str]) -> None:
     finally:
         trainer, dump_dir = captured.get("trainer"), os.environ.get(DUMP_ENV)
         if trainer is not None and dump_dir:
+            local = getattr(trainer.optimizer, "optim", trainer.optimizer)  # ZeRO's own shard
             state = {"history": trainer.history, "step": trainer.step_count,
-                     "policy": trainer.policy.state_dict()}
+                     "policy": trainer.policy.state_dict(), "optimizer": type(trainer.optimizer).__name__,
+                     "local_moments": len(local.state)}
             torch.save(state, Path(dump_dir) / f"rank{os.environ.get('RANK', '0')}.pt")
 
 
@@ -432,6 +434,40 @@ def test_a_reward_error_on_one_rank_ends_the_whole_job(tmp_path):
     assert "reward 'probe' raised RuntimeError: probe failure injected on rank 1" in done.stderr, output(done)
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end after rank 1 failed"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step completed anywhere
+
+
+@pytest.mark.slow
+def test_zero_sharded_optimizer_matches_one_process_and_checkpoints_the_whole_state(
+        tmp_path, probe_registered, monkeypatch):
+    """optimizer_sharding="zero": each rank keeps half of AdamW's moments, yet the steps equal a
+    single-process AdamW run and the checkpoint holds every moment (gathered on rank 0)."""
+    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch)
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path)), "--out", str(run_dir),
+                        "--steps", "2", "--set", "optimizer_sharding=zero", "--no-progress"],
+                       env={DUMP_ENV: str(dump)})
+    assert done.returncode == 0, output(done)
+    dumps = _dumps(dump)
+    _assert_ranks_agree(dumps)
+    assert [d["optimizer"] for d in dumps] == ["ZeroRedundancyOptimizer"] * 2
+    local = [d["local_moments"] for d in dumps]
+    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
+        _assert_same_metrics(actual, expected, f"step {step}")
+    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+
+    from marble_kit.checkpoint import load_checkpoint
+
+    sharded = load_checkpoint(run_dir / "checkpoints" / "step-000002")[1]["optimizer"]
+    single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step-000002")[1]["optimizer"]
+    assert sharded["param_groups"] == single["param_groups"]
+    assert sorted(sharded["state"]) == sorted(single["state"]) and len(single["state"]) > 1
+    assert sum(local) == len(single["state"]) and max(local) < len(single["state"]), local  # really sharded
+    assert all(float(sharded["state"][i]["step"]) == float(m["step"]) == 2.0 for i, m in single["state"].items())
+    for key in ("exp_avg", "exp_avg_sq"):  # float rounding of the 2-rank batch split, as for the weights
+        actual, expected = (torch.cat([state["state"][i][key].reshape(-1) for i in sorted(single["state"])])
+                            for state in (sharded, single))
+        assert (actual - expected).norm() <= 1e-2 * expected.norm(), key
 
 
 if __name__ == "__main__":

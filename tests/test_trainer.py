@@ -106,6 +106,17 @@ def test_config_validation_is_one_line():
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(MarbleError, match="key 'steps' must be int"):
         TrainConfig.from_dict({"steps": "many"})
+    with pytest.raises(MarbleError, match="optimizer_sharding must be none or zero"):
+        TrainConfig(optimizer_sharding="fsdp")
+
+
+def test_zero_sharding_refuses_a_balancer_that_reads_all_of_adams_moments():
+    config = TrainConfig(**{**TINY, "optimizer_sharding": "zero", "balancer_options": {"metric": "adam"}})
+    with pytest.raises(MarbleError, match="optimizer_sharding=\"zero\".*metric 'adam'"):
+        Trainer(config, build_components(config))
+    # one process: nothing to shard, plain AdamW (its state is what ZeRO checkpoints, gathered)
+    single = _trainer(optimizer_sharding="zero")
+    assert type(single.optimizer) is torch.optim.AdamW
 
 
 @pytest.mark.slow
