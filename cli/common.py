@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from typing import Any, Callable
 
 import typer
@@ -11,8 +13,11 @@ from rich.console import Console
 
 from marble_kit.errors import MarbleError
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or redirected output (logs, CI, `| less`) gets 120 columns rather than rich's 80, so the
+# eval and bench tables keep one line per row; $COLUMNS still wins, a terminal uses its width.
+PIPE_WIDTH = None if os.environ.get("COLUMNS") else 120
+console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -24,7 +24,7 @@ def eval_command(
     prompts: list[str] | None = typer.Option(None, "--prompts", help="Prompt sets to evaluate on (default: held-out world prompts / the run's sets)."),
     rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated rewards (default: the run's)."),
     reward_opt: list[str] | None = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE."),
-    images_per_prompt: int = typer.Option(2, "--images-per-prompt", help="Images per prompt."),
+    images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="Images per prompt (same noise for base and fine-tuned)."),
     max_prompts: int = typer.Option(32, "--max-prompts", help="At most this many prompts."),
     seed: int = typer.Option(1234, "--seed", help="Noise seed (the same for base and checkpoint)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval/step-N)."),
@@ -40,13 +40,14 @@ def eval_command(
         print_json(report.as_dict())
         return
     table = Table(title=f"marble eval · {report.checkpoint} (step {report.step})")
-    for column in ("reward", "n", "base", "fine-tuned", "Δ", "Δ / base std"):
+    for column in ("reward", "n", "base", "fine-tuned", "Δ ± s.e.", "Δ / base std"):
         table.add_column(column, justify="right" if column != "reward" else "left")
     for row in report.rewards:
         table.add_row(row["reward"], str(row["n"]),
                       f"{_fmt(row['base_mean'])} ± {_fmt(row['base_std'])}",
                       f"{_fmt(row['tuned_mean'])} ± {_fmt(row['tuned_std'])}",
-                      _fmt(row["delta"], signed=True), _fmt(row["delta_in_base_std"], signed=True))
+                      f"{_fmt(row['delta'], signed=True)} ± {_fmt(row['delta_se'])}",
+                      _fmt(row["delta_in_base_std"], signed=True))
     console.print(table)
     console.print(f"report {report.json_path}\ngrid   {report.grid_path}", highlight=False)
 

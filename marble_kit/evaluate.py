@@ -69,8 +69,19 @@ def score_policy(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: t
     return torch.where(mask, values, torch.full_like(values, float("nan"))), torch.cat(images)
 
 
+def paired_standard_error(base: torch.Tensor, tuned: torch.Tensor) -> float:
+    """Standard error of mean(tuned − base) over the images both scored (same prompt and noise,
+    so the pairs share everything but the weights); NaN with fewer than two pairs."""
+    paired = torch.isfinite(base) & torch.isfinite(tuned)
+    if int(paired.sum()) < 2:
+        return float("nan")
+    differences = (tuned[paired] - base[paired]).double()
+    return float(differences.std(unbiased=True) / math.sqrt(differences.numel()))
+
+
 def reward_rows(names: Sequence[str], base: torch.Tensor, tuned: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per reward: base / fine-tuned mean ± std over the images it judges, and deltas."""
+    """One row per reward: base / fine-tuned mean ± std over the images it judges, the delta,
+    its paired standard error, and the delta in base-std units."""
     rows = []
     for k, name in enumerate(names):
         base_mean, base_std, count = _stats(base[k])
@@ -78,6 +89,7 @@ def reward_rows(names: Sequence[str], base: torch.Tensor, tuned: torch.Tensor) -
         delta = tuned_mean - base_mean
         rows.append({"reward": name, "n": count, "base_mean": base_mean, "base_std": base_std,
                      "tuned_mean": tuned_mean, "tuned_std": tuned_std, "delta": delta,
+                     "delta_se": paired_standard_error(base[k], tuned[k]),
                      "delta_in_base_std": delta / base_std if base_std > 0 else float("nan")})
     return rows
 
@@ -103,7 +115,7 @@ def select_prompts(prompt_sets, max_prompts: int) -> list[tuple[str, int]]:
 
 
 def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list[str] | None = None,
-             reward_options: dict | None = None, images_per_prompt: int = 2, max_prompts: int = 32,
+             reward_options: dict | None = None, images_per_prompt: int = 4, max_prompts: int = 32,
              seed: int = 1234, out: str | Path | None = None, grid_prompts: int = 8) -> EvalReport:
     """Score checkpoint (or a run's latest checkpoint) ``target`` and the base policy.
 

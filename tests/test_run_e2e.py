@@ -206,6 +206,7 @@ def test_eval_scores_an_intermediate_checkpoint_against_the_base(runs, tmp_path)
         for key in ("base_mean", "base_std", "tuned_mean", "tuned_std"):
             assert isinstance(row[key], float) and np.isfinite(row[key])
         assert row["delta"] == pytest.approx(row["tuned_mean"] - row["base_mean"])
+        assert isinstance(row["delta_se"], float) and row["delta_se"] > 0
 
     grid = png(out / "eval_grid.png")
     cell = 64 * 3  # 64-px images upscaled ×3
@@ -290,3 +291,15 @@ def test_resume_is_bit_exact_with_upgrad(tmp_path):
     left = load_file(tmp_path / "full" / "checkpoints" / "step-000004" / "policy.safetensors")
     right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "policy.safetensors")
     assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_eval_delta_standard_error_is_paired_over_images_both_judged():
+    from marble_kit.evaluate import paired_standard_error, reward_rows
+
+    base = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    tuned = torch.tensor([2.0, 2.0, 5.0, 1.0])
+    assert paired_standard_error(base, tuned) == pytest.approx(1.0 / np.sqrt(3.0))  # d = 1, 0, 2
+    assert np.isnan(paired_standard_error(base[:1], tuned[:1]))
+    # a constant shift is certain however spread the scores are
+    row = reward_rows(["r"], torch.tensor([[0.0, 5.0, 10.0]]), torch.tensor([[1.0, 6.0, 11.0]]))[0]
+    assert row["delta"] == pytest.approx(1.0) and row["delta_se"] == 0.0 and row["base_std"] > 4
