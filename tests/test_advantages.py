@@ -54,7 +54,8 @@ def test_properties(seed, clip, scale):
     adv = group_advantages(rewards, groups, clip=clip)
     assert adv.advantages.abs().max() <= clip + 1e-6
     assert torch.all((adv.probabilities >= 0) & (adv.probabilities <= 1))
-    assert torch.allclose(adv.probabilities, 0.5 + adv.advantages / (2 * clip))
+    # both are float32 roundings of the same float64 value: equal to a few ulps
+    assert torch.allclose(adv.probabilities, 0.5 + adv.advantages / (2 * clip), atol=1e-6)
     # centred within each group over the valid entries (before clipping, when nothing clips)
     if adv.advantages.abs().max() < clip - 1e-3:
         for k in range(3):
