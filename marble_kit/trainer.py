@@ -257,17 +257,22 @@ class Trainer:
         return grads, anchor
 
     def _exact_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-reward gradients by one backward pass per reward (the reference)."""
+        """Per-reward gradients by one backward pass per reward (the reference), plus one for
+        the anchor when there is one (kl > 0)."""
         n = batch.x0.shape[0]
         grads = anchor = None
         for sl in self._micro_slices(n):
             v = self._forward(batch, sl)
             losses = [self._loss_per_row(v, batch, sl, batch.r[k, sl]).sum() / n
                       for k in range(batch.r.shape[0])]
-            losses.append(self._anchor(v, batch, sl, n))
+            if batch.v_ref is not None:
+                losses.append(self._anchor(v, batch, sl, n))
             g = gram_ops.per_reward_gradients_exact(losses, self.params)
-            grads = g[:-1] if grads is None else grads + g[:-1]
-            anchor = g[-1] if anchor is None else anchor + g[-1]
+            grads = g[:len(batch.r)] if grads is None else grads + g[:len(batch.r)]
+            if batch.v_ref is not None:
+                anchor = g[-1] if anchor is None else anchor + g[-1]
+        if anchor is None:
+            anchor = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
         return grads, anchor
 
     def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:

@@ -37,11 +37,19 @@ def test_same_seed_same_metrics_and_weights():
 
 
 @pytest.mark.slow
-def test_affine_and_exact_give_the_same_gram_weights_and_step():
-    """The two-pass `affine` Gram equals K separate backward passes inside the real step."""
+@pytest.mark.parametrize("kl", [1e-2, 0.0])
+def test_affine_and_exact_give_the_same_gram_weights_and_step(kl, monkeypatch):
+    """The two-pass `affine` Gram equals K separate backward passes inside the real step (with
+    the anchor's own pass when kl > 0, and none without an anchor)."""
+    from marble_kit import gram as gram_ops
+
+    passes = []
+    exact = gram_ops.per_reward_gradients_exact
+    monkeypatch.setattr(gram_ops, "per_reward_gradients_exact",
+                        lambda losses, params: passes.append(len(losses)) or exact(losses, params))
     results = {}
     for mode in ("affine", "exact"):
-        trainer = _trainer(gram=mode, balancer="mgda-qp", kl=1e-2)
+        trainer = _trainer(gram=mode, balancer="mgda-qp", kl=kl)
         metrics = trainer.step()
         # the gradient handed to the optimizer (fused + anchor), before Adam rescales it
         results[mode] = (metrics, torch.cat([p.grad.reshape(-1) for p in trainer.params]))
@@ -50,6 +58,7 @@ def test_affine_and_exact_give_the_same_gram_weights_and_step():
         if key.startswith(("lambda/", "cos/", "grad_norm/")):
             assert m_a[key] == pytest.approx(m_e[key], rel=2e-3, abs=1e-6), key
     assert torch.allclose(g_a, g_e, rtol=1e-3, atol=1e-3 * float(g_e.abs().max()))
+    assert passes == [len(trainer.reward_names) + (kl > 0)]
 
 
 @pytest.mark.slow
