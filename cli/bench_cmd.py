@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from marble_cli.common import console, err_console, print_json, split_names, user_errors
+from rich import box
 from rich.table import Table
 
 from marble_kit.errors import MarbleError
@@ -122,6 +123,8 @@ def speed(
     images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
     timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
     sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    kl: float | None = typer.Option(None, "--kl", help="Weight of the reference anchor (default: the trainer's; "
+                                    "0 = no anchor and no anchor backward pass)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for speed.json and speed.png."),
 ):
@@ -143,6 +146,10 @@ def speed(
     for name, value in overrides.items():
         if value < (0 if name == "warmup" else 1):
             raise MarbleError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'warmup' else 1} (got {value})")
+    if kl is not None:
+        if not kl >= 0:
+            raise MarbleError(f"--kl must be ≥ 0 (got {kl})")
+        overrides["kl"] = kl
     settings = sd35_arch_settings(**overrides) if policy == "sd3.5-arch" else SpeedSettings(policy=policy, **overrides)
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:
@@ -155,10 +162,13 @@ def speed(
     if json_output:
         print_json(_summary(report))
         return
-    table = Table(title=f"Time per training step (median s) — {_machine_line(report)}")
-    for column in ("variant", "step", "rollout", "rewards", "update", "gradient step", "speed: step",
-                   "step − rewards", "update", "gradient step", "peak MiB"):
+    table = Table(title=f"Time per training step (median s) — {_machine_line(report)}", box=box.SIMPLE_HEAD,
+                  show_edge=False, collapse_padding=True)
+    table.add_column("variant", no_wrap=True)
+    for column in ("step", "rollout", "rewards", "update", "grad step", "× step", "× step − rewards",
+                   "× update", "× grad step", "peak MiB"):
         table.add_column(column, justify="right")
+    table.caption = "seconds (median), then speed vs (a) on the same clock, then peak memory"
     for row in report["rows"]:
         table.add_row(row["label"], *(f"{row[f'median_{k}_s']:.3f}" for k in
                                       ("step", "rollout", "rewards", "update", "gradient_step")),

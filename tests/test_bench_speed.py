@@ -81,7 +81,7 @@ def test_settings_errors():
 
 @pytest.mark.slow
 def test_cli_speed_smoke_writes_json_and_plot(tmp_path):
-    result = runner.invoke(app, ["bench", "speed", *SMALL, "--json", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["bench", "speed", *SMALL, "--kl", "0", "--json", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert [row["variant"] for row in summary["rows"]] == [v.name for v in VARIANTS]
@@ -90,12 +90,15 @@ def test_cli_speed_smoke_writes_json_and_plot(tmp_path):
         assert row["median_update_s"] >= row["median_gradient_step_s"] > 0
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert len(saved["samples"]["marble-exact"]) == 1 and saved["machine"]["cpu_cores"]
+    assert saved["settings"]["kl"] == 0.0
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
 def test_cli_speed_errors():
     result = runner.invoke(app, ["bench", "speed", "--rounds", "0"])
     assert result.exit_code == 2 and "--rounds" in result.output
+    result = runner.invoke(app, ["bench", "speed", "--kl", "-1"])
+    assert result.exit_code == 2 and "--kl" in result.output
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", "speed", "--policy", "sd3.5-arch"])
         assert result.exit_code == 2 and "GPU" in result.output

@@ -5,9 +5,11 @@ order every round, so that load changes on the machine hit every variant alike:
 
 * (a) ``single``           one reward, one backward pass (the reference speed);
 * (b) ``weighted-sum``     K = 5, fixed uniform weights, one backward pass;
-* (c) ``marble-affine``    K = 5, MARBLE with the `affine` Gram every step (two backward passes);
+* (c) ``marble-affine``    K = 5, MARBLE with the `affine` Gram every step (two backward passes,
+  three with the reference anchor, kl > 0);
 * (c') ``marble-periodic`` K = 5, MARBLE solving every n steps with `affine`, one backward between;
-* (d) ``marble-exact``     K = 5, MARBLE with the `exact` Gram every step (K + 1 backward passes).
+* (d) ``marble-exact``     K = 5, MARBLE with the `exact` Gram every step (K backward passes,
+  K + 1 with the anchor).
 
 All variants see the same prompts and noise (same seed, same sampler), so their rollouts cost
 the same. Per step the trainer's own clocks split the time into rollout, rewards and update
@@ -82,6 +84,7 @@ class SpeedSettings:
     single_reward: str = "color"
     prompts: list = field(default_factory=lambda: list(SPEED_PROMPTS))
     gram_period: int = 10
+    kl: float = TrainConfig.kl       # the trainer's default; 0 drops the anchor (and its backward pass)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,7 +104,7 @@ class SpeedSettings:
             gram_solver="affine", prompts=list(self.prompts), seed=self.seed,
             steps=self.warmup + self.rounds, prompts_per_step=self.prompts_per_step,
             images_per_prompt=self.images_per_prompt, timesteps_per_image=self.timesteps_per_image,
-            sample_steps=self.sample_steps, out="-", checkpoint_every=0, sample_every=0)
+            sample_steps=self.sample_steps, kl=self.kl, out="-", checkpoint_every=0, sample_every=0)
 
 
 def sd35_arch_settings(**overrides: Any) -> SpeedSettings:
