@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from marble_cli.common import console, err_console, print_json, split_names, user_errors
 from rich import box
 from rich.table import Table
 
+from marble_cli.common import console, err_console, print_json, split_names, user_errors
 from marble_kit.errors import MarbleError
 
 bench_app = typer.Typer(help="Benchmarks: training-step speed, reward conflicts, Gram fidelity, "
@@ -130,7 +130,6 @@ def speed(
 ):
     """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact at K = 5."""
     from marble_cli.train_cmd import _single_plugin_options
-
     from marble_kit.bench.speed import (
         SpeedSettings,
         ensure_device,

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 import typer
-from marble_cli.common import console, print_json, split_names, user_errors
 from rich.table import Table
 
+from marble_cli.common import console, print_json, split_names, user_errors
 from marble_kit.options import parse_plugin_options
 
 

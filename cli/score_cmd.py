@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -25,12 +24,12 @@ def _json_value(value: float) -> float | None:
 def score(
     paths: list[str] = typer.Argument(..., help="Image files (PNG/JPEG) or directories of images."),
     rewards: str = typer.Option(..., "--rewards", help="Comma-separated reward names, e.g. hps,ocr."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt of every image."),
-    prompts_file: Optional[Path] = typer.Option(
+    prompt: str | None = typer.Option(None, "--prompt", help="The prompt of every image."),
+    prompts_file: Path | None = typer.Option(
         None, "--prompts-file", help="One prompt per line, in the sorted order of the images."),
-    reward_opt: Optional[list[str]] = typer.Option(
+    reward_opt: list[str] | None = typer.Option(
         None, "--reward-opt", help="Reward option NAME.KEY=VALUE, e.g. hps.weights=/path (repeatable)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Run the reward models here (cpu, cuda)."),
+    device: str | None = typer.Option(None, "--device", help="Run the reward models here (cpu, cuda)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Score images with one or more rewards (NaN / n/a: the reward does not apply)."""

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import typer
-from marble_cli.common import console, split_names, user_errors
 
+from marble_cli.common import console, split_names, user_errors
 from marble_kit.config import TrainConfig, read_toml
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value

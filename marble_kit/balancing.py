@@ -298,7 +298,7 @@ def sanitize_gram(gram: np.ndarray) -> CleanGram:
     cone when round-off made it indefinite.
     """
     k = gram.shape[0]
-    flags = {name: False for name in DEGENERATE_FLAGS}
+    flags = dict.fromkeys(DEGENERATE_FLAGS, False)
     finite_rows = np.isfinite(gram).all(axis=0) & np.isfinite(gram).all(axis=1)
     flags["nonfinite"] = not finite_rows.all()
     diag = np.where(finite_rows, np.diag(np.where(np.isfinite(gram), gram, 0.0)), 0.0)

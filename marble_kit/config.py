@@ -7,12 +7,12 @@ Loaded from TOML (``marble train --config run.toml``), overridden by CLI flags, 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from marble_kit.errors import MarbleError
 
@@ -125,7 +125,7 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         known = set(cls.field_names())
         unknown = sorted(set(data) - known)
         if unknown:
@@ -144,7 +144,7 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "TrainConfig":
+    def from_toml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_toml(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ class TrainConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -117,7 +117,7 @@ class LoraCapture:
     calls: list[_LinearCall] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
-    def __enter__(self) -> LoraCapture:  # noqa: PYI034 (Python 3.10: no typing.Self)
+    def __enter__(self) -> LoraCapture:
         refuse_cross_sample_ops(self.module)
         factors = []
         for name, lora_a, lora_b, _scaling in iter_lora_pairs(self.module):

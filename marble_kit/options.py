@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
+
+import tomllib
 
 from marble_kit.errors import MarbleError
 

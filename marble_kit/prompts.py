@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import tomllib
 import torch
 
 from marble_kit.errors import MarbleError

@@ -12,8 +12,9 @@ import difflib
 import importlib.metadata
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

@@ -14,7 +14,7 @@ device placement and validation.
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ class Reward(abc.ABC):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Scores for one batch (already on ``self.device``)."""
 
-    def to(self, device: torch.device | str) -> "Reward":
+    def to(self, device: torch.device | str) -> Reward:
         """Move the reward's model (if any) to ``device``; subclasses with modules extend this."""
         self.device = torch.device(device)
         return self

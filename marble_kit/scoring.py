@@ -7,9 +7,10 @@ up front, so missing weights or a bad option fail before any sampling or trainin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from marble_plugins.balancers import marble, mgda, upgrad, weighted_sum
 
 from marble_kit.balancing import Balancer, MinNormQP, kkt_residual, sanitize_gram
 from marble_kit.errors import MarbleError
 from marble_kit.registry import build, registry_from_plugins
+from marble_plugins.balancers import marble, mgda, upgrad, weighted_sum
 
 REGISTRY = registry_from_plugins(weighted_sum, mgda, marble, upgrad)
 

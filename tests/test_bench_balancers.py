@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from marble_cli.app import app
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.bench.balancers import (
     benchmark_qp,
     optimizer_conflict_benchmark,

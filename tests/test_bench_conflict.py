@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from marble_cli.app import app
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.bench.common import build_policy, components_for
 from marble_kit.bench.conflict import (
     METHODS,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from marble_cli.app import app
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.bench.fidelity import MODES, ShadowBalancers, compare_step
 from marble_kit.registry import build
 

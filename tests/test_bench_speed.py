@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from marble_cli.app import app
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.bench.speed import (
     VARIANTS,
     SpeedSettings,
@@ -35,7 +35,7 @@ def test_ratios_are_single_reward_time_over_variant_time():
     seconds = {"single": 1.0, "weighted-sum": 1.0, "marble-affine": 1.25, "marble-periodic": 1.0,
                "marble-exact": 2.0}
     rows = {row["variant"]: row for row in summarize(_samples(seconds))}
-    assert [row for row in rows] == [v.name for v in VARIANTS]
+    assert list(rows) == [v.name for v in VARIANTS]
     assert rows["single"]["speed_step"] == 1.0
     assert rows["marble-affine"]["speed_step"] == pytest.approx(0.8)
     assert rows["marble-exact"]["speed_step"] == pytest.approx(0.5)

@@ -59,7 +59,10 @@ def lora_network(seed: int = 0, dtype=torch.float64, batch_norm: bool = False, b
 def nft_batch(batch: int, num_rewards: int, dtype, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, 6, 8)
-    draw = lambda: torch.randn(shape, generator=generator, dtype=dtype)
+
+    def draw():
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
     x0, noise, v_old, v_ref = draw(), draw(), draw(), draw()
     t = torch.rand(batch, generator=generator, dtype=dtype) * 0.8 + 0.1
     x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
@@ -240,5 +243,6 @@ def test_cosine_diagnostics_match_explicit_cosines(seed, num_rewards):
 
 def test_cosines_of_zero_vectors_are_zero():
     grads = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
-    assert gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), torch.tensor([0.0, 1.0]))["cos"].tolist() == [0.0, 0.0]
+    diagnostics = gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), torch.tensor([0.0, 1.0]))
+    assert diagnostics["cos"].tolist() == [0.0, 0.0]
     assert gram_ops.update_cosines(grads, torch.zeros(2)).tolist() == [0.0, 0.0]

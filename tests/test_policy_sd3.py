@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from marble_plugins.policies import sd3
-from marble_plugins.policies.sd3 import build_sd35, build_tiny_sd3
 
 from marble_kit.errors import MarbleError
 from marble_kit.policy import Policy, offloaded
+from marble_plugins.policies import sd3
+from marble_plugins.policies.sd3 import build_sd35, build_tiny_sd3
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background",
            'a sign that says "cat" on a gray background', "a green triangle on a white background"]

@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marble_kit.errors import MarbleError
-from marble_kit.prompts import (PromptSampler, PromptSet, applicability_mask, builtin_prompt_sets,
-                                load_manifest, load_prompt_file, load_prompt_sets, tagged_rewards)
+from marble_kit.prompts import (
+    PromptSampler,
+    PromptSet,
+    applicability_mask,
+    builtin_prompt_sets,
+    load_manifest,
+    load_prompt_file,
+    load_prompt_sets,
+    tagged_rewards,
+)
 from marble_kit.rewards import quoted_text
 from marble_plugins import world
 
@@ -144,12 +152,12 @@ def test_default_manifest_has_specialist_sets_and_at_least_three_rewards():
     shared = [r for r in rewards if all(s.applies(r) for s in sets)]
     assert shared == ["sharpness"]
     specialists = [[r for r in s.rewards if r not in shared] for s in sets]
-    assert sorted(sum(specialists, [])) == ["color", "shape", "word"]
+    assert sorted(r for rewards in specialists for r in rewards) == ["color", "shape", "word"]
 
 
 def test_world_sets_use_the_world_vocabulary_and_hold_out_the_eval_prompts():
     sets = {name: load_prompt_sets(name)[0].prompts for name in ("colors", "shapes", "words", "world_eval")}
-    for name, prompts in sets.items():
+    for prompts in sets.values():
         for prompt in prompts:
             attributes = world.parse_prompt(prompt)
             assert attributes["background"] is not None, prompt

@@ -1,5 +1,7 @@
 """Offline pixel-statistic rewards: brightness, colorfulness, sharpness, JPEG size."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,7 @@ def test_sharpness_is_zero_when_flat_and_falls_with_blur():
     assert Sharpness()(_solid([0.3, 0.6, 0.9], size=64), [""]).item() == 0.0
     board = _checkerboard()
     scores = [Sharpness()(_blur(board, s) if s else board, [""]).item() for s in (0, 0.7, 1.5, 3.0)]
-    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert all(a > b for a, b in itertools.pairwise(scores)), scores
     assert 0 < scores[-1] < scores[0] < 1
 
 

@@ -32,7 +32,7 @@ from marble_plugins.rewards.ocr import build_ocr, levenshtein, ocr_text_reward
 from marble_plugins.rewards.pickscore import build_pickscore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_clip import tiny_clip, tiny_tokenizer, to_open_clip_state_dict  # noqa: E402
+from tiny_clip import tiny_clip, tiny_tokenizer, to_open_clip_state_dict
 
 PROMPTS = ["a photo of a red cat", "a blue dog", "the photo of the dog", "zebra"]
 WEIGHT_ENV_VARS = ("MARBLE_HPS_WEIGHTS", "MARBLE_PICKSCORE_PATH", "MARBLE_AESTHETIC_WEIGHTS",
@@ -335,7 +335,7 @@ def test_aesthetic_head_on_normalized_clip_embedding(saved):
 def test_aesthetic_errors(saved, tmp_path):
     with pytest.raises(MarbleError, match="sac\\+logos\\+ava1-l14-linearMSE.pth.*improved-aesthetic"):
         build_aesthetic(clip=str(saved["clip_dir"]))
-    wrong = {k: v for k, v in saved["head"].items()}
+    wrong = dict(saved["head"])
     wrong["layers.0.weight"] = torch.zeros(1024, 768)
     path = tmp_path / "head.pth"
     torch.save(wrong, path)

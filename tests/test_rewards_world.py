@@ -1,5 +1,6 @@
 """Prompt-fidelity rewards of the procedural world: separation, NaN, continuity, batching."""
 
+import itertools
 import math
 import random
 from dataclasses import replace
@@ -11,8 +12,15 @@ from hypothesis import strategies as st
 
 from marble_kit.registry import build
 from marble_plugins import world
-from marble_plugins.rewards.world import (BackgroundFidelity, ColorFidelity, ShapeFidelity,
-                                          WordFidelity, shape_templates, soft_iou, srgb_to_lab)
+from marble_plugins.rewards.world import (
+    BackgroundFidelity,
+    ColorFidelity,
+    ShapeFidelity,
+    WordFidelity,
+    shape_templates,
+    soft_iou,
+    srgb_to_lab,
+)
 
 REWARDS = {"color": ColorFidelity(), "shape": ShapeFidelity(), "word": WordFidelity(),
            "background": BackgroundFidelity()}
@@ -91,7 +99,7 @@ def test_a_quoted_word_outside_the_world_vocabulary_is_still_judged():
 
 
 def _strictly_decreasing(values):
-    return all(a > b for a, b in zip(values, values[1:]))
+    return all(a > b for a, b in itertools.pairwise(values))
 
 
 def test_scores_change_gradually_along_a_morph():

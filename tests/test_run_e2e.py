@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from marble_cli.app import app
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.images import make_grid

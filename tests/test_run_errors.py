@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from marble_cli.app import app
 from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints
 from marble_kit.config import TrainConfig, read_toml
 

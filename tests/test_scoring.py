@@ -13,8 +13,15 @@ from typer.testing import CliRunner
 
 from marble_cli.app import app
 from marble_kit.errors import MarbleError
-from marble_kit.scoring import (ScoredImage, build_rewards, find_images, load_image, mean_scores,
-                                read_prompts, score_images)
+from marble_kit.scoring import (
+    ScoredImage,
+    build_rewards,
+    find_images,
+    load_image,
+    mean_scores,
+    read_prompts,
+    score_images,
+)
 
 runner = CliRunner()
 

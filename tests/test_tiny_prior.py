@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from marble_plugins import world
 from marble_plugins.policies import prior_eval, tiny_prior
 from marble_plugins.policies.sd3 import TINY_PRIOR_DIR, build_tiny_sd3
-from safetensors.torch import load_file
 
 TINY_RUN = {"dataset_size": 24, "vae_steps": 2, "vae_batch_size": 4, "transformer_steps": 3,
                 "transformer_batch_size": 4, "warmup_steps": 1, "threads": 1}

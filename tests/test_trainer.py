@@ -1,6 +1,5 @@
 """The training step on the tiny SD3 policy: determinism, Gram modes, errors, learning."""
 
-import copy
 
 import pytest
 import torch

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from marble_plugins.balancers.mgda import MgdaQP
 from torch import Tensor
 
 from marble_kit.balancing import ema_update, loss_weights, state_tensor, to_tensor
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
+from marble_plugins.balancers.mgda import MgdaQP
 
 
 class MarbleEMA(MgdaQP):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from marble_plugins import world
 
 PALETTE_NAMES = list(world.COLORS)
@@ -141,9 +142,8 @@ def renders_accuracy(count: int = 300, seed: int = 0) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from marble_plugins.policies.sd3 import build_tiny_sd3
-
     from marble_kit.images import save_grid
+    from marble_plugins.policies.sd3 import build_tiny_sd3
 
     parser = argparse.ArgumentParser(description="Measure how well the tiny prior follows prompts.")
     parser.add_argument("--path", default=None, help="prior directory (default: the shipped one)")

@@ -550,8 +550,9 @@ def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = 
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from marble_plugins.policies.tiny_prior import build_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from marble_plugins.policies.tiny_prior import build_tokenizer
 
     def clip(tokenizer):
         return CLIPTextModelWithProjection(CLIPTextConfig(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from marble_plugins import world
 
 PRIOR_DIR = Path(__file__).resolve().parent / "tiny_sd3"

@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import abc
-
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,8 @@ def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor
     new_long = int(size * long / short)  # floor, as torchvision / CLIPImageProcessor do
     new_h, new_w = (size, new_long) if height <= width else (new_long, size)
     images = _resize(images, new_h, new_w)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top = round((new_h - size) / 2.0)
+    left = round((new_w - size) / 2.0)
     return images[..., top:top + size, left:left + size]
 
 

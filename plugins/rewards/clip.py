@@ -14,9 +14,15 @@ from pathlib import Path
 
 from marble_kit.hookspecs import hookimpl
 from marble_kit.weights import WeightsSpec, load_checkpoint, resolve_weights, state_dict_from
-from marble_plugins.rewards._clip import (ClipCosineReward, ClipEncoders, TransformersClip,
-                                          load_clip_tokenizer, load_pretrained, open_clip_encoders,
-                                          torch_dtype)
+from marble_plugins.rewards._clip import (
+    ClipCosineReward,
+    ClipEncoders,
+    TransformersClip,
+    load_clip_tokenizer,
+    load_pretrained,
+    open_clip_encoders,
+    torch_dtype,
+)
 
 # (open_clip model, pretrained tag) → Hugging Face repo holding the same weights in HF format.
 HF_REPOS = {

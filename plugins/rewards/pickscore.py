@@ -16,8 +16,14 @@ from pathlib import Path
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_kit.weights import WeightsSpec, resolve_weights
-from marble_plugins.rewards._clip import (TOKENIZER_SPEC, ClipCosineReward, TransformersClip,
-                                          load_clip_tokenizer, load_pretrained, torch_dtype)
+from marble_plugins.rewards._clip import (
+    TOKENIZER_SPEC,
+    ClipCosineReward,
+    TransformersClip,
+    load_clip_tokenizer,
+    load_pretrained,
+    torch_dtype,
+)
 
 PICKSCORE_WEIGHTS = WeightsSpec(
     reward="pickscore",

@@ -18,10 +18,9 @@ are computed for a whole batch with a few tensor operations.
 from __future__ import annotations
 
 import abc
-
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch
