@@ -95,7 +95,6 @@ def train(
         result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
     except CollectiveError as exc:  # a peer died or hung: leave without teardown
         dist.exit_after_collective_failure(exc)
-        raise
     finally:
         dist.close()
     if dist.is_main:

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -42,6 +42,11 @@ class CollectiveError(RuntimeError):
     connection broke. ``marble train`` reports it in one line and exits without teardown."""
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (backend errors carry long C++ traces), capped."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 @contextlib.contextmanager
 def _collective(name: str):
     """Re-raise the backend's error (gloo raises a bare RuntimeError on a timeout) as a
@@ -51,8 +56,7 @@ def _collective(name: str):
     except CollectiveError:
         raise
     except RuntimeError as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CollectiveError(f"{name} failed: {detail}") from exc
+        raise CollectiveError(f"{name} failed: {_first_line(exc)}") from exc
 
 
 def timeout_from_environment(default: float = DEFAULT_TIMEOUT_S) -> float:
@@ -237,7 +241,7 @@ class Distributed:
         with _collective("consolidate_state_dict"):
             optimizer.consolidate_state_dict(to=0)
 
-    def exit_after_collective_failure(self, exc: BaseException, code: int = 1) -> None:
+    def exit_after_collective_failure(self, exc: BaseException, code: int = 1) -> NoReturn:
         """Report a failed collective in one line and end this process at once.
 
         After a gloo/NCCL timeout the process group still owns threads blocked on the dead peer;
@@ -245,8 +249,7 @@ class Distributed:
         with SIGABRT. So the message is flushed and the process leaves via ``os._exit`` without
         running destructors; checkpoints already on disk are complete (they are written atomically).
         """
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        print(f"error: rank {self.rank}: {first_line}; another "
+        print(f"error: rank {self.rank}: {_first_line(exc)}; another "
               f"rank failed or stopped responding; see its log, or raise {TIMEOUT_ENV} if rank 0 needs "
               "longer for checkpoints", file=sys.stderr, flush=True)
         sys.stdout.flush()
