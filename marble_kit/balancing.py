@@ -108,28 +108,6 @@ def as_gram_array(gram: Tensor | np.ndarray | None, num_rewards: int, where: str
 
 
 # ------------------------------------------------------------------------- dense OSQP QP
-def _upper_pattern(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSC indices/indptr of a dense upper triangle (explicit zeros kept: fixed pattern)."""
-    indices = np.concatenate([np.arange(j + 1) for j in range(n)])
-    indptr = np.concatenate([[0], np.cumsum(np.arange(1, n + 1))])
-    return indices.astype(np.int64), indptr.astype(np.int64)
-
-
-def _upper_data(matrix: np.ndarray) -> np.ndarray:
-    n = matrix.shape[0]
-    return np.concatenate([matrix[: j + 1, j] for j in range(n)])
-
-
-def _dense_csc(matrix: np.ndarray):
-    """A dense matrix as CSC with every entry stored (so updates keep the pattern)."""
-    from scipy import sparse
-
-    rows, cols = matrix.shape
-    indices = np.tile(np.arange(rows), cols)
-    indptr = np.arange(0, rows * cols + 1, rows)
-    return sparse.csc_matrix((matrix.T.reshape(-1).copy(), indices, indptr), shape=(rows, cols))
-
-
 @dataclass
 class QPResult:
     x: np.ndarray
@@ -141,7 +119,7 @@ class QPResult:
 class DenseQP:
     """min ½xᵀPx s.t. l ≤ Ax ≤ u for small dense P (K ≤ ~50), solved with OSQP.
 
-    Every call sets up a fresh OSQP workspace (CSC matrices with every entry stored),
+    Every call sets up a fresh OSQP workspace (upper triangle of P and A as CSC matrices),
     warm-started from the previous call's primal/dual solution and its adapted step size ρ.
     (A persistent workspace would carry its internal state from call to call, which cannot be
     saved.) So a solve is a function of its inputs and this warm start alone, the warm start is
@@ -164,11 +142,10 @@ class DenseQP:
         from scipy import sparse
 
         n, m = P.shape[0], A.shape[0]
-        indices, indptr = _upper_pattern(n)
         solver = osqp.OSQP()
         rho = {} if self._rho is None else {"rho": self._rho}
-        solver.setup(P=sparse.csc_matrix((_upper_data(P), indices, indptr), shape=(n, n)), q=np.zeros(n),
-                     A=_dense_csc(A), l=lower, u=upper, **self.settings, **rho)
+        solver.setup(P=sparse.csc_matrix(np.triu(P)), q=np.zeros(n), A=sparse.csc_matrix(A), l=lower, u=upper,
+                     **self.settings, **rho)
         if self._warm is not None and self._warm[0].shape == (n,) and self._warm[1].shape == (m,):
             solver.warm_start(x=self._warm[0], y=self._warm[1])
         result = solver.solve(raise_error=False)
