@@ -17,5 +17,5 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("marble", deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           derandomize=True)
-settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", parent=settings.get_profile("marble"), derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "marble"))
