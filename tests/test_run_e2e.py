@@ -258,39 +258,37 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
     assert report["step"] == steps_done and np.isfinite(report["rewards"][0]["tuned_mean"])
 
 
-def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
-    """Periodic Gram (mgda-qp every 3 steps): the reused loss weights and λ survive a resume."""
+LIBRARY_RUN = {"prompts_per_step": 3, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 4,
+               "threads": 1, "sample_every": 0, "checkpoint_every": 0}
+
+
+def assert_resume_is_bit_exact(tmp_path: Path, steps: int, stop: int, **settings) -> list[dict]:
+    """Train ``steps`` steps in one go, and ``stop`` steps then a resume to ``steps``, through the
+    library; both runs must agree bit for bit (metrics and final weights). Returns the metrics."""
     from marble_kit.run import train as run_train
 
-    settings = {"prompts_per_step": 3, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 4,
-                "threads": 1, "sample_every": 0, "checkpoint_every": 0, "balancer": "mgda-qp", "gram": "periodic",
-                "gram_period": 3}
-    full = TrainConfig.from_dict({**settings, "out": str(tmp_path / "full"), "steps": 5})
+    full = TrainConfig.from_dict({**LIBRARY_RUN, **settings, "out": str(tmp_path / "full"), "steps": steps})
     run_train(full, progress=False)
-    run_train(full.replace(out=str(tmp_path / "resumed"), steps=2), progress=False)
+    run_train(full.replace(out=str(tmp_path / "resumed"), steps=stop), progress=False)
     run_train(full.replace(out=str(tmp_path / "resumed")), resume=True, progress=False)
     rows = metric_lines(tmp_path / "full")
-    assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine", "reuse"]
     assert trajectory(metric_lines(tmp_path / "resumed")) == trajectory(rows)
-    left = load_file(tmp_path / "full" / "checkpoints" / "step-000005" / "policy.safetensors")
-    right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000005" / "policy.safetensors")
+    final = f"step-{steps:06d}"
+    left = load_file(tmp_path / "full" / "checkpoints" / final / "policy.safetensors")
+    right = load_file(tmp_path / "resumed" / "checkpoints" / final / "policy.safetensors")
     assert all(torch.equal(left[k], right[k]) for k in left)
+    return rows
+
+
+def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
+    """Periodic Gram (mgda-qp every 3 steps): the reused loss weights and λ survive a resume."""
+    rows = assert_resume_is_bit_exact(tmp_path, 5, 2, balancer="mgda-qp", gram="periodic", gram_period=3)
+    assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine", "reuse"]
 
 
 def test_resume_is_bit_exact_with_upgrad(tmp_path):
     """UPGrad chains K warm-started QPs per step: its solver state must survive a resume too."""
-    from marble_kit.run import train as run_train
-
-    settings = {"prompts_per_step": 3, "images_per_prompt": 2, "timesteps_per_image": 1, "sample_steps": 4,
-                "threads": 1, "sample_every": 0, "checkpoint_every": 0, "balancer": "upgrad", "steps": 4}
-    full = TrainConfig.from_dict({**settings, "out": str(tmp_path / "full")})
-    run_train(full, progress=False)
-    run_train(full.replace(out=str(tmp_path / "resumed"), steps=2), progress=False)
-    run_train(full.replace(out=str(tmp_path / "resumed")), resume=True, progress=False)
-    assert trajectory(metric_lines(tmp_path / "resumed")) == trajectory(metric_lines(tmp_path / "full"))
-    left = load_file(tmp_path / "full" / "checkpoints" / "step-000004" / "policy.safetensors")
-    right = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "policy.safetensors")
-    assert all(torch.equal(left[k], right[k]) for k in left)
+    assert_resume_is_bit_exact(tmp_path, 4, 2, balancer="upgrad")
 
 
 def test_eval_delta_standard_error_is_paired_over_images_both_judged():
