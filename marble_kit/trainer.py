@@ -235,8 +235,8 @@ class Trainer:
     def _affine_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-reward gradients [K, P] and the anchor gradient [P] from two backward passes."""
         n = batch.x0.shape[0]
-        grads = anchor = None
-        for sl in self._micro_slices(n):
+
+        def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             with gram_ops.LoraCapture(self.policy.trainable_module()) as capture:
                 v = self._forward(batch, sl)
             if self.config.loss_space == "x0":
@@ -244,33 +244,38 @@ class Trainer:
                                       self.config.beta, num_samples=n)
             else:
                 U, W = affine_cotangents_autograd(
-                    lambda out, r, sl=sl: self._loss_per_row(out, batch, sl, r).sum() / n, v)
+                    lambda out, r: self._loss_per_row(out, batch, sl, r).sum() / n, v)
             extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
                      if batch.v_ref is not None else None)
-            g, a = gram_ops.per_reward_gradients_affine(v, U, W, batch.r[:, sl], capture, self.params,
+            return gram_ops.per_reward_gradients_affine(v, U, W, batch.r[:, sl], capture, self.params,
                                                         extra=extra)
-            grads = g if grads is None else grads + g
-            if a is not None:
-                anchor = a if anchor is None else anchor + a
-        if anchor is None:
-            anchor = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
-        return grads, anchor
+
+        return self._sum_over_micro_batches(n, micro_batch)
 
     def _exact_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-reward gradients by one backward pass per reward (the reference), plus one for
         the anchor when there is one (kl > 0)."""
-        n = batch.x0.shape[0]
-        grads = anchor = None
-        for sl in self._micro_slices(n):
+        n, num_rewards = batch.x0.shape[0], batch.r.shape[0]
+
+        def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             v = self._forward(batch, sl)
-            losses = [self._loss_per_row(v, batch, sl, batch.r[k, sl]).sum() / n
-                      for k in range(batch.r.shape[0])]
+            losses = [self._loss_per_row(v, batch, sl, batch.r[k, sl]).sum() / n for k in range(num_rewards)]
             if batch.v_ref is not None:
                 losses.append(self._anchor(v, batch, sl, n))
             g = gram_ops.per_reward_gradients_exact(losses, self.params)
-            grads = g[:len(batch.r)] if grads is None else grads + g[:len(batch.r)]
-            if batch.v_ref is not None:
-                anchor = g[-1] if anchor is None else anchor + g[-1]
+            return g[:num_rewards], (g[-1] if batch.v_ref is not None else None)
+
+        return self._sum_over_micro_batches(n, micro_batch)
+
+    def _sum_over_micro_batches(self, n: int, micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ over micro-batches of (per-reward gradients [K, P], anchor gradient [P] or None);
+        the anchor gradient is zero when there is no anchor."""
+        grads = anchor = None
+        for sl in self._micro_slices(n):
+            g, a = micro_batch(sl)
+            grads = g if grads is None else grads + g
+            if a is not None:
+                anchor = a if anchor is None else anchor + a
         if anchor is None:
             anchor = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
         return grads, anchor

@@ -61,6 +61,23 @@ def test_affine_and_exact_give_the_same_gram_weights_and_step(kl, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("gram", ["affine", "exact"])
+def test_micro_batches_sum_to_the_whole_batch_gradients(gram):
+    """micro_batch bounds memory only: per-reward and anchor gradients summed over micro-batches
+    give the whole-batch step (measured: relative difference ~4e-5 in float32)."""
+    grads = {}
+    for micro_batch in (0, 2):
+        trainer = _trainer(gram=gram, balancer="mgda-qp", kl=1e-2, micro_batch=micro_batch)
+        metrics = trainer.step()
+        grads[micro_batch] = (metrics, torch.cat([p.grad.reshape(-1) for p in trainer.params]))
+    (whole, g_whole), (parts, g_parts) = grads[0], grads[2]
+    assert (g_parts - g_whole).norm() <= 1e-3 * g_whole.norm()
+    for key in whole:
+        if key.startswith(("lambda/", "cos/", "grad_norm/")):
+            assert parts[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.slow
 def test_periodic_mode_solves_every_n_steps_and_reuses_weights_between():
     trainer = _trainer(gram="periodic", gram_period=2)
     modes = [trainer.step()["gram_mode"] for _ in range(3)]
