@@ -128,7 +128,7 @@ def speed(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for speed.json and speed.png."),
 ):
-    """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact at K = 5."""
+    """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact / sampled rows at K = 5."""
     from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.speed import (
         SpeedSettings,
@@ -154,7 +154,7 @@ def speed(
     if device is not None:
         options["device"] = device
     settings.policy_options = ensure_device(options, policy)
-    err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.rounds} rounds × 5 variants",
+    err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.rounds} rounds × 6 variants",
                       highlight=False)
     report = run_speed_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
     json_path, plot_path = _write_outputs(report, out, "speed", plot_speed)
@@ -179,27 +179,76 @@ def speed(
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
 
 
+@bench_app.command("memory")
+@user_errors
+def memory(
+    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU proxy) or sd3.5-arch (GPU, random weights)."),
+    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
+    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    steps: int = typer.Option(3, "--steps", help="Training steps per variant (each in a fresh process)."),
+    prompts_per_step: int = typer.Option(8, "--prompts-per-step", help="P prompts per step."),
+    images_per_prompt: int = typer.Option(8, "--images-per-prompt", help="G images per prompt."),
+    timesteps_per_image: int = typer.Option(4, "--timesteps-per-image", help="Training timesteps per image."),
+    sample_steps: int = typer.Option(8, "--sample-steps", help="Sampler steps of each rollout."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for memory.json."),
+):
+    """Peak memory of training: single reward vs MARBLE affine / sampled rows / exact at K = 5."""
+    from marble_cli.train_cmd import _single_plugin_options
+    from marble_kit.bench.common import check_positive, write_report
+    from marble_kit.bench.memory import MemorySettings, run_memory_benchmark
+    from marble_kit.bench.speed import ensure_device
+
+    check_positive(steps=steps, prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
+                   timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
+    options = {"gradient_checkpointing": True}
+    if policy == "sd3.5-arch":
+        options.update({"device": "cuda", "mixed_precision": "bf16"})
+    options.update(_single_plugin_options(policy_opt, "--policy-opt"))
+    if device is not None:
+        options["device"] = device
+    settings = MemorySettings(policy=policy, policy_options=ensure_device(options, policy), steps=steps,
+                              prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
+                              timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
+    err_console.print(f"marble bench memory: {policy}, {steps} steps per variant", highlight=False)
+    report = run_memory_benchmark(settings, on_variant=lambda name: err_console.print(f"  {name}", highlight=False))
+    json_path = write_report(report, out / "memory.json")
+    if json_output:
+        print_json(report)
+        return
+    table = Table(title=f"Peak memory — {_machine_line(report)}")
+    for column in ("variant", report["rows"][0]["kind"] + " MiB", "× single"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        table.add_row(row["label"], f"{row['peak_mb']:.0f}", f"{row['vs_single']:.2f}×")
+    console.print(table)
+    _print_targets(report["targets"])
+    console.print(f"wrote {json_path}", highlight=False)
+
+
 @bench_app.command("conflict")
 @user_errors
 def conflict(
     steps: int = typer.Option(30, "--steps", help="Training steps per method and seed."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0, 1, ...)."),
-    methods: str | None = typer.Option(None, "--methods", help="Comma-separated subset of the six methods."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: the first six; "
+                                       "also marble-unit, marble-none)."),
     eval_images_per_prompt: int = typer.Option(4, "--eval-images-per-prompt", help="Held-out images per prompt."),
+    reward_scope: str = typer.Option("judged", "--reward-scope", help="Rows of each reward's loss: judged or all."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for conflict.json and conflict.png."),
 ):
     """Weighted sum vs MGDA vs MARBLE (EMA, periodic, optimizer-aware) on the tiny policy: per-step
     worst-reward cosines and held-out reward changes."""
     from marble_kit.bench.conflict import (
-        METHOD_NAMES,
+        DEFAULT_METHODS,
         ConflictSettings,
         plot_conflict,
         run_conflict_benchmark,
     )
 
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
-                                methods=split_names(methods) or list(METHOD_NAMES))
+                                methods=split_names(methods) or list(DEFAULT_METHODS), reward_scope=reward_scope)
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(
@@ -226,31 +275,65 @@ def conflict(
 @bench_app.command("fidelity")
 @user_errors
 def fidelity(
-    steps: int = typer.Option(40, "--steps", help="Training steps per seed (driven by `exact`)."),
-    seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0, 1, ...)."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps per seed, driven by `exact` (default 40; 4 for sd3.5-arch)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds 0, 1, ... (default 3; 1 for sd3.5-arch)."),
     period: int = typer.Option(10, "--period", help="Solve interval n of the periodic mode."),
     balancer: str = typer.Option("marble", "--balancer", help="Balancer of every mode (marble, mgda-qp)."),
+    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
+    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
+    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (default 4; 2 for sd3.5-arch)."),
+    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
+    timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
+    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    kl: float | None = typer.Option(None, "--kl", help="Weight of the reference anchor (default: the trainer's)."),
+    reward_scope: str = typer.Option("judged", "--reward-scope", help="Rows of each reward's loss: judged or all."),
+    rows: str = typer.Option("0.5,0.25", "--rows", help="Comma-separated row fractions f of the sampled-Gram modes."),
+    fp32_reference: bool = typer.Option(False, "--fp32-reference", help="Also compare exact and affine (mixed "
+                                        "precision) with exact in float32 on the same batch."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for fidelity.json and fidelity.png."),
 ):
-    """How `periodic` (stale λ) and `affine` compare with `exact` every step, on the same batches."""
+    """How `periodic` (stale λ), `affine` and the sampled Gram compare with `exact` every step, on the same batches."""
+    from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.fidelity import (
         FidelitySettings,
         plot_fidelity,
         run_fidelity_benchmark,
+        sd35_arch_fidelity_settings,
     )
+    from marble_kit.bench.speed import ensure_device
 
-    settings = FidelitySettings(steps=steps, seeds=seeds, gram_period=period, balancer=balancer)
-    err_console.print(f"marble bench fidelity: {balancer}, {seeds} seeds × {steps} steps, period {period}",
-                      highlight=False)
+    try:
+        fractions = [float(f) for f in split_names(rows)]
+    except ValueError:
+        raise MarbleError(f"--rows {rows!r} must be comma-separated numbers in (0, 1), e.g. --rows 0.5,0.25") from None
+    overrides = {"steps": steps, "seeds": seeds, "gram_period": period, "balancer": balancer,
+                 "prompts_per_step": prompts_per_step, "images_per_prompt": images_per_prompt,
+                 "timesteps_per_image": timesteps_per_image, "sample_steps": sample_steps, "kl": kl,
+                 "reward_scope": reward_scope, "fractions": fractions, "fp32_reference": fp32_reference}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for name in ("prompts_per_step", "images_per_prompt", "timesteps_per_image", "sample_steps"):
+        if name in overrides and overrides[name] < 1:
+            raise MarbleError(f"--{name.replace('_', '-')} must be ≥ 1 (got {overrides[name]})")
+    if reward_scope not in ("judged", "all"):
+        raise MarbleError(f"--reward-scope {reward_scope!r} is not one of judged, all")
+    settings = (sd35_arch_fidelity_settings(**overrides) if policy == "sd3.5-arch"
+                else FidelitySettings(policy=policy, **overrides))
+    options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
+    if device is not None:
+        options["device"] = device
+    settings.policy_options = ensure_device(options, policy)
+    err_console.print(f"marble bench fidelity: {policy}, {balancer}, {settings.seeds} seeds × {settings.steps} steps, "
+                      f"period {period}", highlight=False)
     report = run_fidelity_benchmark(settings, on_seed=lambda seed: err_console.print(f"  seed {seed}",
                                                                                      highlight=False))
     json_path, plot_path = _write_outputs(report, out, "fidelity", plot_fidelity)
     if json_output:
         print_json(_summary(report))
         return
-    table = Table(title=f"Balancing modes vs exact every step ({balancer}, period {period}) — "
-                        f"{_machine_line(report)}")
+    table = Table(title=f"Balancing modes vs exact every step ({balancer}, period {period}, "
+                        f"P {settings.prompts_per_step}) — {_machine_line(report)}")
     for column in ("mode", "mean cos(d, d_exact)", "min cos", "mean |Δλ|₁", "max |Δλ|₁",
                    "worst cos < 0", "mean worst cos"):
         table.add_column(column, justify="right")
@@ -259,8 +342,12 @@ def fidelity(
                       f"{row['mean_lambda_l1']:.3f}", f"{row['max_lambda_l1']:.3f}",
                       f"{row['negative_worst_cos']:.0%}", f"{row['mean_worst_cos']:+.3f}")
     console.print(table)
-    console.print(f"affine Gram vs exact Gram: max relative error {report['max_gram_relative_error']:.1e}",
-                  highlight=False)
+    console.print(f"affine Gram vs exact Gram: max relative error {report['max_gram_relative_error']:.1e}; "
+                  f"same active rewards on {report['affine_active_set_agrees']:.0%} of steps; exact λ moves "
+                  f"{report['exact_lambda_step_movement']:.3f} (|Δλ|₁) per step", highlight=False)
+    for key, value in report.get("precision_vs_fp32", {}).items():
+        console.print(f"  vs float32 exact: {key} mean {value['mean']:.3g}, worst {value['worst']:.3g}",
+                      highlight=False)
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
 
 

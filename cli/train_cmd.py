@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from marble_cli.common import console, split_names, user_errors
-from marble_kit.config import TrainConfig, read_toml
+from marble_kit.config import TrainConfig, read_toml, resolve_config
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value
 
@@ -28,6 +28,7 @@ def build_config(config_file: Path | None, overrides: dict, reward_opts: list[st
                  balancer_opts: list[str] | None, policy_opts: list[str] | None,
                  settings: list[str] | None) -> TrainConfig:
     """Defaults ← TOML file ← `--set key=value` ← explicit flags ← plugin options."""
+    config_file = resolve_config(config_file) if config_file else None
     data = read_toml(config_file) if config_file else {}
     for item in settings or []:
         key, sep, value = item.partition("=")
@@ -48,7 +49,7 @@ def build_config(config_file: Path | None, overrides: dict, reward_opts: list[st
 
 @user_errors
 def train(
-    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig)."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig), or a shipped one by name: sd35-marble."),
     rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
     balancer: str | None = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),

@@ -7,7 +7,9 @@ For each reward k and each prompt group g (the G images of one prompt):
 
 ``std`` is taken over the whole (gathered) batch by default — DiffusionNFT's choice — or per
 group. NaN marks "this reward does not judge this sample": NaNs are left out of every statistic
-and give A = 0, i.e. r = 0.5, which makes the NFT loss of that sample independent of the reward.
+and give A = 0, i.e. r = 0.5; the trainer leaves such rows out of the reward's loss altogether
+(L_k is the mean over the rows reward k judges, SPEC §1.4). A group whose judged scores are all
+equal has advantages exactly 0: it prefers none of its images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ class Advantages:
     probabilities: torch.Tensor    # [K, B], r_k in [0, 1], 0.5 where the reward is NaN
     valid: torch.Tensor            # [K, B] bool, False where the reward is NaN/inf
 
+    def judged(self) -> torch.Tensor:
+        """[K] number of samples each reward judges."""
+        return self.valid.sum(dim=1)
+
+    def expresses_preference(self) -> torch.Tensor:
+        """[K] bool: the reward judges at least one sample with a nonzero advantage, i.e. its
+        loss prefers some images of a group over others (else its gradient is only the r = 0.5
+        pull towards the old policy)."""
+        return (self.valid & (self.advantages != 0)).any(dim=1)
+
 
 def _nan_group_mean(values: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor,
                     num_groups: int) -> torch.Tensor:
@@ -33,6 +45,18 @@ def _nan_group_mean(values: torch.Tensor, valid: torch.Tensor, group_ids: torch.
     sums = torch.zeros(values.shape[0], num_groups, dtype=values.dtype).index_add_(1, group_ids, filled)
     counts = torch.zeros_like(sums).index_add_(1, group_ids, valid.to(values.dtype))
     return (sums / counts.clamp_min(1))[:, group_ids]
+
+
+def _group_is_constant(values: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor,
+                       num_groups: int) -> torch.Tensor:
+    """[K, B] bool: the sample's group has no two different valid values."""
+    big = torch.finfo(values.dtype).max
+    shape = (values.shape[0], num_groups)
+    high = torch.full(shape, -big, dtype=values.dtype).scatter_reduce(
+        1, group_ids.expand_as(values), torch.where(valid, values, torch.full_like(values, -big)), "amax")
+    low = torch.full(shape, big, dtype=values.dtype).scatter_reduce(
+        1, group_ids.expand_as(values), torch.where(valid, values, torch.full_like(values, big)), "amin")
+    return (high <= low)[:, group_ids]
 
 
 def _nan_std(values: torch.Tensor, valid: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -58,6 +82,10 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std_scop
     num_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
 
     centered = values - _nan_group_mean(values, valid, group_ids, num_groups)
+    # A group whose valid scores are all equal carries no preference: its advantages are exactly
+    # 0 (its mean may differ from the common value by round-off, which std + eps would amplify).
+    centered = torch.where(_group_is_constant(values, valid, group_ids, num_groups),
+                           torch.zeros_like(centered), centered)
     if std_scope == "global":
         std = _nan_std(values, valid)                                      # [K, 1]
     else:

@@ -18,6 +18,7 @@ from marble_kit.errors import MarbleError
 
 GRAM_MODES = ("affine", "exact", "periodic", "none")
 LOSS_SPACES = ("x0", "velocity")
+REWARD_SCOPES = ("judged", "all")
 DEFAULT_REWARDS = ["color", "shape", "word", "sharpness"]
 
 
@@ -73,6 +74,11 @@ class TrainConfig:
                    "periodic (solve every gram_period steps), none.")
     gram_period: int = _f(10, "Solve interval n of the periodic mode.")
     gram_solver: str = _f("affine", "How the periodic mode computes the Gram on solve steps.")
+    gram_rows: float = _f(1.0, "Fraction f of the training rows the per-reward gradients (and the Gram) "
+                          "come from, drawn per prompt group; below 1 the update is one more backward "
+                          "over all rows with the fresh weights (≈ 1 + 2f passes instead of 2).")
+    reward_scope: str = _f("judged", "Rows each reward's loss averages over: 'judged' (the rows it "
+                           "judges, SPEC §1.4) or 'all' (every row; unjudged rows enter with r = 0.5).")
     # outputs
     log_every: int = _f(1, "Metrics line every N steps.")
     checkpoint_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
@@ -105,6 +111,10 @@ class TrainConfig:
             raise bad("optimizer_sharding", f"must be none or zero, got {self.optimizer_sharding!r}")
         if self.gram_solver not in ("affine", "exact"):
             raise bad("gram_solver", f"must be affine or exact, got {self.gram_solver!r}")
+        if not 0.0 < float(self.gram_rows) <= 1.0:
+            raise bad("gram_rows", f"must be in (0, 1], got {self.gram_rows}")
+        if self.reward_scope not in REWARD_SCOPES:
+            raise bad("reward_scope", f"must be one of {', '.join(REWARD_SCOPES)}, got {self.reward_scope!r}")
         if self.loss_space not in LOSS_SPACES:
             raise bad("loss_space", f"must be one of {', '.join(LOSS_SPACES)}")
         if self.adv_std not in ("global", "group"):
@@ -155,6 +165,29 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def builtin_config_dir() -> Path:
+    """Where the shipped run configurations live (``marble train --config NAME``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("marble_kit").joinpath("data", "configs")))
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in builtin_config_dir().glob("*.toml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A TOML file given by path, or a shipped configuration by name (e.g. ``sd35-marble``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_config_dir() / f"{name_or_path}.toml"
+    if path.suffix == "" and builtin.is_file():
+        return builtin
+    raise MarbleError(f"config file {path} does not exist and is no shipped configuration; pass a TOML "
+                      f"file or one of: {', '.join(builtin_configs())}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

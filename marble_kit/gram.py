@@ -5,9 +5,10 @@ Modes:
 * ``exact`` — :func:`per_reward_gradients_exact`: one backward per reward loss (the reference).
 * ``affine`` — :class:`LoraCapture` + :func:`per_reward_gradients_affine`: the exact K
   gradients from two backward passes. The NFT loss is affine in each sample's reward
-  probability, so its output cotangent for reward k is U + r_k·W; backprop is linear and
-  samples do not interact, so the per-sample cotangents of U and W at each LoRA layer, mixed
-  with r_k and contracted with the layer inputs, give every reward's weight gradient.
+  probability, so its output cotangent for reward k is Σ_i (m_ki/n_k)·(U_i + r_k(i)·W_i);
+  backprop is linear and samples do not interact, so at each LoRA layer the per-sample
+  cotangents of the U pass and of the W pass, contracted with the layer input as they arrive
+  and mixed with the per-reward coefficients, give every reward's weight gradient.
 * ``periodic`` — scheduled by the trainer (:func:`marble_kit.balancing.solve_period_due`).
 
 Plus the Gram in the optimizer's metric (:func:`metric_gram`) and the cosines of each reward
@@ -18,7 +19,7 @@ update (:func:`update_cosines`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -93,30 +94,79 @@ def refuse_cross_sample_ops(module: nn.Module) -> None:
         )
 
 
-@dataclass
-class _LinearCall:
-    """One forward call of a LoRA factor: its input and output (output still in the graph)."""
+class _CapturedLinear(torch.autograd.Function):
+    """y = x Aᵀ (+ b) for one LoRA factor; its backward also hands (δy, x) to the capture.
 
-    module: nn.Linear
-    inputs: Tensor
-    output: Tensor
-
-
-@dataclass
-class LoraCapture:
-    """Context manager recording, during ONE forward, the input and output of every active
-    peft LoRA factor (``lora_A[adapter]``, ``lora_B[adapter]``) of ``module``.
-
-    peft 0.21 computes ``result + lora_B(lora_A(dropout(x))) * scaling``: the scaling is applied
-    outside ``lora_B``, so the cotangent at lora_B's output already carries it and the weight
-    gradients need no extra factor; the input hook sees ``dropout(x)``, the input that A
-    really multiplied. A factor called several times in one forward gets one record per call.
+    The input is saved the way ``F.linear`` saves it (so gradient checkpointing recomputes it
+    in the backward instead of keeping it), and no weight gradient is formed here: the
+    capture contracts the per-sample cotangent with the input at once and lets both go.
     """
 
-    module: nn.Module
-    calls: list[_LinearCall] = field(default_factory=list)
-    _handles: list = field(default_factory=list)
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, call: _FactorCall) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.call = call
+        return nn.functional.linear(x, weight, bias)
 
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.call.capture._accumulate(ctx.call, grad_output, x)
+        grad_input = grad_output @ weight.to(grad_output.dtype) if ctx.needs_input_grad[0] else None
+        return (None if grad_input is None else grad_input.to(x.dtype)), None, None, None
+
+
+@dataclass
+class _FactorCall:
+    """One LoRA factor of the captured forward: where its weight (and bias) sit in the flat
+    parameter vector."""
+
+    capture: LoraCapture
+    module: nn.Linear
+    weight_slot: tuple[int, int] | None
+    bias_slot: tuple[int, int] | None
+
+    @property
+    def where(self) -> str:
+        return f"{type(self.module).__name__}{tuple(self.module.weight.shape)}"
+
+
+@dataclass
+class _Pass:
+    """One backward pass: per-sample coefficients [J, B] and the [J, P] buffer they fill."""
+
+    coefficients: Tensor
+    target: Tensor
+
+
+class LoraCapture:
+    """Context manager for the `affine` Gram: during the forward *and the backward passes* inside
+    it (a checkpointed forward is replayed in the backward and must take the same path), every active peft LoRA
+    factor (``lora_A[adapter]``, ``lora_B[adapter]``) of ``module`` runs through
+    :class:`_CapturedLinear`. A later backward pass with cotangent C and per-sample coefficients
+    c [J, B] then accumulates, layer by layer as the cotangent arrives, Σ_i c_ji·(δ_i ⊗ x_i)
+    for each j — the gradient of Σ_i c_ji·⟨C_i, v_i⟩ — into a [J, P] buffer.
+
+    Memory: the layer input x lives exactly as long as autograd itself keeps it (with gradient
+    checkpointing it is recomputed for the layer's backward and freed after it); what the
+    capture adds is the J × (LoRA size) buffers and one layer's per-sample products at a time.
+    Products and buffers are float32 (float64 for float64 inputs) whatever the autocast dtype.
+
+    peft 0.21 computes ``result + lora_B(lora_A(dropout(x))) * scaling``: the scaling is applied
+    outside ``lora_B``, so the cotangent at lora_B's output already carries it; the factor sees
+    ``dropout(x)``, the input that A really multiplied. A factor called several times in one
+    forward contributes once per call.
+    """
+
+    def __init__(self, module: nn.Module, params: Sequence[Tensor]):
+        self.module = module
+        self.params = list(params)
+        self.size = flat_size(self.params)
+        self.batch: int | None = None
+        self._pass: _Pass | None = None
+        self._factors: list[nn.Linear] = []
+
+    # -- recording the forward ------------------------------------------------------
     def __enter__(self) -> LoraCapture:
         refuse_cross_sample_ops(self.module)
         factors = []
@@ -131,39 +181,84 @@ class LoraCapture:
         if not factors:
             raise MarbleError("--gram affine found no active trainable LoRA layer in the policy; "
                               "use --gram exact for full fine-tuning")
-        self.calls = []
-        self._handles = [factor.register_forward_hook(self._record) for factor in factors]
+        slots = _parameter_slots(self.params, factors)
+        for factor in factors:
+            call = _FactorCall(self, factor, slots.get(id(factor.weight)),
+                               slots.get(id(factor.bias)) if factor.bias is not None else None)
+            factor.forward = _captured_forward(call)  # instance attribute: nn.Module.__call__ uses it
+        self._factors = factors
         return self
 
-    def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self.calls.append(_LinearCall(module, args[0], output))
-
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for factor in self._factors:
+            factor.__dict__.pop("forward", None)
+        self._factors = []
 
-    @property
-    def modules(self) -> list[nn.Linear]:
-        seen: dict[int, nn.Linear] = {}
-        for call in self.calls:
-            seen.setdefault(id(call.module), call.module)
-        return list(seen.values())
+    # -- backward passes --------------------------------------------------------------
+    def gradients(self, output: Tensor, cotangent: Tensor, coefficients: Tensor,
+                  retain_graph: bool = False) -> Tensor:
+        """[J, P]: row j is the gradient of Σ_i coefficients[j, i]·⟨cotangent_i, output_i⟩ with
+        respect to the parameters, in the dtype of the parameters, from ONE backward pass."""
+        batch = output.shape[0]
+        if cotangent.shape != output.shape:
+            raise MarbleError(f"--gram affine: cotangent {tuple(cotangent.shape)} must have the output's "
+                              f"shape {tuple(output.shape)}")
+        if coefficients.ndim != 2 or coefficients.shape[1] != batch:
+            raise MarbleError(f"--gram affine: coefficients must be [J, {batch}], got {tuple(coefficients.shape)}")
+        if not torch.isfinite(coefficients).all():
+            raise MarbleError("--gram affine: per-sample coefficients contain NaN/inf (reward "
+                              "probabilities must be finite; marble_kit.advantages gives r = 0.5 for NaN rewards)")
+        device = self.params[0].device
+        accumulate = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        target = torch.zeros(coefficients.shape[0], self.size, dtype=accumulate, device=device)
+        self.batch, self._pass = batch, _Pass(coefficients.to(device=device, dtype=accumulate), target)
+        try:
+            torch.autograd.grad(output, self.params, grad_outputs=cotangent.to(output.dtype),
+                                retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._pass = None
+        return target.to(self.params[0].dtype)
+
+    def _accumulate(self, call: _FactorCall, grad_output: Tensor, inputs: Tensor) -> None:
+        current = self._pass
+        if current is None or (call.weight_slot is None and call.bias_slot is None):
+            return  # a backward outside `gradients` (or a frozen factor): nothing to record
+        dtype = current.target.dtype
+        delta = _per_sample_rows(grad_output.to(dtype), self.batch, call.where)
+        coefficients = current.coefficients
+        if call.weight_slot is not None:
+            offset, numel = call.weight_slot
+            x = _per_sample_rows(inputs.detach().to(dtype), self.batch, call.where)
+            if coefficients.shape[0] == 1:  # one combination: weight the rows, one matmul
+                weighted = delta * coefficients[0].view(-1, 1, 1)
+                grad = torch.einsum("bto,bti->oi", weighted, x).reshape(1, -1)
+            else:  # per-sample outer products, then every combination of them at once
+                grad = coefficients @ torch.einsum("bto,bti->boi", delta, x).reshape(self.batch, -1)
+            current.target[:, offset:offset + numel] += grad
+        if call.bias_slot is not None:
+            offset, numel = call.bias_slot
+            current.target[:, offset:offset + numel] += coefficients @ delta.sum(1)
 
 
-def _parameter_slots(params: Sequence[Tensor], capture: LoraCapture) -> dict[int, tuple[int, int]]:
+def _captured_forward(call: _FactorCall):
+    def forward(x: Tensor) -> Tensor:
+        return _CapturedLinear.apply(x, call.module.weight, call.module.bias, call)
+    return forward
+
+
+def _parameter_slots(params: Sequence[Tensor], factors: Sequence[nn.Linear]) -> dict[int, tuple[int, int]]:
     """id(parameter) → (offset, numel) in the flat order of ``params``; every parameter must
     belong to a captured LoRA factor (identity, not position, links them)."""
     slots, offset = {}, 0
     for p in params:
         slots[id(p)] = (offset, p.numel())
         offset += p.numel()
-    captured = {id(t) for m in capture.modules for t in (m.weight, m.bias) if t is not None}
+    captured = {id(t) for m in factors for t in (m.weight, m.bias) if t is not None}
     missing = [index for index, p in enumerate(params) if id(p) not in captured]
     if missing:
         raise MarbleError(
             f"--gram affine: trainable parameter #{missing[0]} (shape {tuple(params[missing[0]].shape)}) "
-            "is not a LoRA factor used in the captured forward; train only LoRA weights or use --gram exact"
+            "is not an active LoRA factor of the policy; train only LoRA weights or use --gram exact"
         )
     return slots
 
@@ -178,76 +273,41 @@ def _per_sample_rows(tensor: Tensor, batch: int, where: str) -> Tensor:
     return tensor.reshape(batch, -1, tensor.shape[-1])
 
 
-def per_reward_gradients_affine(output: Tensor, U: Tensor, W: Tensor, r: Tensor,
-                                capture: LoraCapture, params: Sequence[Tensor],
-                                extra: Tensor | None = None, retain_graph: bool = False
-                                ) -> tuple[Tensor, Tensor | None]:
+def per_reward_gradients_affine(output: Tensor, U: Tensor, W: Tensor, coef_u: Tensor, coef_w: Tensor,
+                                capture: LoraCapture, extra: Tensor | None = None,
+                                retain_graph: bool = False) -> tuple[Tensor, Tensor | None]:
     """The K per-reward gradients [K, P] from two backward passes (SPEC §1.6, `affine`).
 
+    Reward k's loss has the output cotangent Σ_i coef_u[k, i]·U_i + coef_w[k, i]·W_i: per row i,
+    ∂ℓ_k(i)/∂v_i = U_i + r_k(i)·W_i and L_k = Σ_i m_ki/n_k·ℓ_k(i), so coef_u = m/n and
+    coef_w = m·r/n (SPEC §1.5). Backprop is linear and samples do not mix, so one pass with U
+    and one with W give every reward's gradient.
+
     Args:
-        output: the policy output v_θ of the captured forward, [B, …].
-        U, W: cotangents shaped like ``output`` with ∂L_k/∂output = U + r_k·W (per sample).
-        r: [K, B] reward probabilities.
+        output: the policy output v_θ of the forward recorded by ``capture``, [B, …].
+        U, W: per-row cotangents shaped like ``output``.
+        coef_u, coef_w: [K, B] per-reward, per-row coefficients of U and W.
         capture: the :class:`LoraCapture` that was active during the forward.
-        params: trainable parameters; the flat order of the result follows this list.
-        extra: optional cotangent of an unbalanced term (the KL anchor); its gradient is
-            returned separately and never enters the Gram.
-        retain_graph: keep the graph after the last backward (e.g. to compare with `exact`).
+        extra: optional cotangent of an unbalanced term (the KL anchor): its gradient comes from
+            a third pass, is returned separately and never enters the Gram.
+        retain_graph: keep the graph after the last pass (e.g. to compare with `exact`).
 
     Returns:
-        (grads [K, P], extra_grad [P] or None), in the dtype of the parameters.
+        (grads [K, P], extra_grad [P] or None), in the dtype of the parameters, flat in the
+        order of ``capture.params``.
     """
-    batch = output.shape[0]
     if U.shape != output.shape or W.shape != output.shape:
         raise MarbleError(f"--gram affine: cotangents U {tuple(U.shape)} and W {tuple(W.shape)} must "
                           f"have the output's shape {tuple(output.shape)}")
-    if r.ndim != 2 or r.shape[1] != batch:
-        raise MarbleError(f"--gram affine: r must be [K, {batch}], got {tuple(r.shape)}")
-    if not torch.isfinite(r).all():
-        raise MarbleError("--gram affine: reward probabilities r contain NaN/inf; compute them "
-                          "with marble_kit.advantages (NaN rewards give r = 0.5)")
-    slots = _parameter_slots(params, capture)
-    outputs = [call.output for call in capture.calls]
-    cotangents = [U, W] + ([extra] if extra is not None else [])
-    deltas = []
-    for index, cotangent in enumerate(cotangents):
-        last = index == len(cotangents) - 1
-        deltas.append(torch.autograd.grad(output, outputs, grad_outputs=cotangent.to(output.dtype),
-                                          retain_graph=retain_graph or not last, allow_unused=True))
-    num_rewards = r.shape[0]
-    dtype, device = params[0].dtype, params[0].device
-    grads = torch.zeros(num_rewards, flat_size(params), dtype=dtype, device=device)
-    extra_grad = torch.zeros(flat_size(params), dtype=dtype, device=device) if extra is not None else None
-    mix = r.to(dtype=dtype, device=device)
-    for index, call in enumerate(capture.calls):
-        where = f"{type(call.module).__name__}{tuple(call.module.weight.shape)}"
-        x = _per_sample_rows(call.inputs.detach().to(dtype), batch, where)
-        per_cotangent = [d[index] for d in deltas]
-        if per_cotangent[0] is None and per_cotangent[1] is None:
-            continue  # this call does not reach the output
-        d_u, d_w = (torch.zeros_like(call.output) if d is None else d for d in per_cotangent[:2])
-        d_u = _per_sample_rows(d_u.to(dtype), batch, where)
-        d_w = _per_sample_rows(d_w.to(dtype), batch, where)
-        # Weight: Σ_{i,t} (δU + r_k(i)·δW)_{it} ⊗ x_{it}; the W part is formed per sample first.
-        shared = torch.einsum("bto,bti->oi", d_u, x).reshape(-1)
-        per_sample = torch.einsum("bto,bti->boi", d_w, x).reshape(batch, -1)
-        _add_slot(grads, slots, call.module.weight, shared + mix @ per_sample)
-        if call.module.bias is not None and id(call.module.bias) in slots:
-            _add_slot(grads, slots, call.module.bias, d_u.sum((0, 1)) + mix @ d_w.sum(1))
-        if extra_grad is not None and per_cotangent[2] is not None:
-            d_e = _per_sample_rows(per_cotangent[2].to(dtype), batch, where)
-            _add_slot(extra_grad[None], slots, call.module.weight,
-                      torch.einsum("bto,bti->oi", d_e, x).reshape(-1))
-            if call.module.bias is not None and id(call.module.bias) in slots:
-                _add_slot(extra_grad[None], slots, call.module.bias, d_e.sum((0, 1)))
-    return grads, extra_grad
-
-
-def _add_slot(target: Tensor, slots: dict[int, tuple[int, int]], param: Tensor, values: Tensor) -> None:
-    if id(param) not in slots:
-        return  # a frozen factor (e.g. lora_B bias not trained)
-    offset, numel = slots[id(param)]
-    target[:, offset:offset + numel] += values.reshape(-1, numel) if values.ndim > 1 else values
+    if coef_u.shape != coef_w.shape:
+        raise MarbleError(f"--gram affine: coefficient shapes differ: {tuple(coef_u.shape)} vs {tuple(coef_w.shape)}")
+    last = extra is None
+    grads = capture.gradients(output, U, coef_u, retain_graph=True)
+    grads = grads + capture.gradients(output, W, coef_w, retain_graph=retain_graph or not last)
+    if extra is None:
+        return grads, None
+    ones = torch.ones(1, output.shape[0], dtype=torch.float64, device=output.device)
+    return grads, capture.gradients(output, extra, ones, retain_graph=retain_graph)[0]
 
 
 # ---------------------------------------------------------------------- optimizer metric

@@ -115,3 +115,37 @@ def affine_cotangents_autograd(loss_of_r, v_theta) -> tuple[torch.Tensor, torch.
     (u,) = torch.autograd.grad(loss_of_r(v, zeros), v)
     (u_plus_w,) = torch.autograd.grad(loss_of_r(v, torch.ones_like(zeros)), v)
     return u, u_plus_w - u
+
+
+# ------------------------------------------------------------ per-reward masks (SPEC §1.4–1.5)
+def reward_row_coefficients(judged: torch.Tensor, judged_counts: torch.Tensor,
+                            scale: float = 1.0) -> torch.Tensor:
+    """coef [K, N] with L_k = Σ_i coef[k, i]·ℓ_k(i) the mean over the rows reward k judges.
+
+    ``judged`` [K, N] bool (m_ki), ``judged_counts`` [K] the number n_k of rows reward k judges
+    in the *global* batch. coef = scale·m_ki/n_k, and 0 for every row of a reward with n_k = 0
+    (it has no loss this step). ``scale`` is the world size when each rank's share is averaged
+    over ranks afterwards (mean over ranks of Σ_local = Σ_global / W).
+    """
+    counts = judged_counts.to(torch.float64).reshape(-1, 1)
+    inverse = torch.where(counts > 0, scale / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return judged.to(torch.float64) * inverse
+
+
+def fused_row_weights(weights: torch.Tensor, coef: torch.Tensor, r: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row weight c and probability r_eff of the fused loss (SPEC §1.5):
+
+        Σ_k w_k·L_k = Σ_i c_i·ℓ(i; r_eff(i)),   c_i = Σ_k w_k·coef_ki,
+        r_eff(i) = Σ_k w_k·coef_ki·r_k(i) / c_i
+
+    exact because ℓ is affine in r. Rows with c_i = 0 carry no policy term (r_eff = 0.5 there,
+    any value would do). Returns (c [N], r_eff [N]) in float64.
+    """
+    w = weights.to(torch.float64).reshape(-1, 1).to(coef.device)
+    weighted = w * coef
+    c = weighted.sum(0)
+    numerator = (weighted * r.to(torch.float64)).sum(0)
+    r_eff = torch.where(c != 0, numerator / torch.where(c != 0, c, torch.ones_like(c)),
+                        torch.full_like(c, 0.5))
+    return c, r_eff

@@ -3,16 +3,20 @@
 One step, top to bottom:
 
     rollout  → rewards R [K, B]  → advantages → reward probabilities r [K, B]
+             → per-reward losses L_k over the rows reward k judges (SPEC §1.4)
              → per-reward gradients g_k (Gram G = g gᵀ, `affine`: two backward passes)
-             → balancer: loss weights w  → fused gradient Σ w_k g_k (+ anchor) → optimizer step
+             → balancer over the rewards that express a preference: loss weights w
+             → fused gradient Σ w_k g_k (+ anchor) → optimizer step
              → old-policy EMA, diagnostics.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +31,29 @@ from marble_kit.nft import (
     affine_cotangents_autograd,
     anchor_cotangent,
     anchor_loss,
+    fused_row_weights,
     nft_cotangents,
     nft_loss_per_sample,
+    reward_row_coefficients,
     velocity_loss_per_sample,
 )
 from marble_kit.policy import offloaded
 from marble_kit.prompts import PromptSampler, applicability_mask, resolve_prompt_sets
 from marble_kit.registry import build
+
+# After this many consecutive steps in which a reward judged nothing (or preferred nothing), a
+# one-line warning names it; the per-step metrics `active/<reward>` say it from the first step.
+INACTIVE_WARN_STEPS = 3
+# A per-reward gradient whose norm is below this many units of round-off of the largest one is
+# a numerical zero (an exact zero computed through sums that do not cancel exactly): fp32 7.6e-6.
+# Half precision is capped so that a real gradient 0.1% the size of another is never dropped.
+ROUNDOFF_ULPS = 64
+ROUNDOFF_CAP = 1e-3
+
+
+def numerical_zero_ratio(dtype: torch.dtype) -> float:
+    """Norm ratio below which a gradient computed in ``dtype`` counts as round-off of zero."""
+    return min(ROUNDOFF_ULPS * torch.finfo(dtype).eps, ROUNDOFF_CAP)
 
 
 @dataclass
@@ -75,9 +95,52 @@ def build_components(config: TrainConfig) -> Components:
     return Components(policy, rewards, list(config.rewards), balancer, prompt_sets)
 
 
+def balance_weights(balancer: Any, gram: torch.Tensor, step: int, active: torch.Tensor) -> torch.Tensor:
+    """Loss weights from ``balancer`` over the active rewards, 0 for the others (float64, CPU).
+
+    A balancer whose ``weights`` takes ``active`` solves the problem of the active rewards; one
+    that does not (an older third-party plugin) sees the inactive rows and columns of the Gram
+    as 0, and its weights for them are set to 0 afterwards.
+    """
+    active = active.cpu()
+    if "active" in inspect.signature(balancer.weights).parameters:
+        weights = balancer.weights(gram, step, active=active)
+    else:
+        keep = active.to(gram.device, torch.float64)
+        weights = balancer.weights(gram * keep[:, None] * keep[None, :], step)
+    weights = torch.as_tensor(weights).detach().cpu().double()
+    return torch.where(active, weights, torch.zeros_like(weights))
+
+
+@dataclass
+class RowJudgement:
+    """Which reward judges which image of the *global* batch, and where it has a preference.
+
+    ``judged`` [K, B·W]: the image is in reward k's loss (``reward_scope = "judged"``: the
+    reward is finite there; ``"all"``: every image). ``prefers`` [K, B·W]: judged with a nonzero
+    advantage. Training rows are image × timestep, so counts are per row (× T).
+    """
+
+    judged: torch.Tensor
+    prefers: torch.Tensor
+    timesteps: int
+
+    def counts(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """n_k [K]: rows reward k judges, over all rows (``images`` None) or over the rows of
+        the given global image indices (one entry per row)."""
+        if images is None:
+            return self.judged.sum(1) * self.timesteps
+        return self.judged[:, images].sum(1)
+
+    def candidates(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """[K] bool: the reward judges a row with a nonzero advantage (it may enter the QP)."""
+        prefers = self.prefers if images is None else self.prefers[:, images]
+        return prefers.any(1)
+
+
 @dataclass
 class TrainBatch:
-    """A rollout folded into training rows: T timesteps per image."""
+    """A rollout folded into training rows: T timesteps per image (this rank's rows)."""
 
     x0: torch.Tensor
     x_t: torch.Tensor
@@ -86,6 +149,16 @@ class TrainBatch:
     r: torch.Tensor           # [K, N] reward probabilities, one row per training row
     v_old: torch.Tensor
     v_ref: torch.Tensor | None
+    images: torch.Tensor      # [N] global image index of each row
+    coef: torch.Tensor        # [K, N] L_k = Σ_i coef_ki·ℓ_k(i) (global mean over judged rows, ×W)
+    candidates: torch.Tensor  # [K] bool: rewards with a preference in these rows (all ranks)
+
+    def select(self, rows: torch.Tensor, coef: torch.Tensor, candidates: torch.Tensor) -> TrainBatch:
+        """The training rows ``rows`` of this batch, with their own loss coefficients."""
+        return TrainBatch(self.x0[rows], self.x_t[rows], self.t[rows], self.cond.index(rows),
+                          self.r[:, rows], self.v_old[rows],
+                          None if self.v_ref is None else self.v_ref[rows], self.images[rows],
+                          coef, candidates)
 
 
 @dataclass
@@ -113,8 +186,16 @@ class Trainer:
         self.sampler = PromptSampler(self.components.prompt_sets, seed=cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
+        self.judgement: RowJudgement | None = None  # this step's, for diagnostics
+        self._rows, self._passes = 1, 0.0             # training rows and backward passes of the step
         self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
         self.clip_scale = 1.0
+        # Per reward: steps in which it took no part in balancing (a metric, checkpointed) and
+        # the current streaks behind the one-line warnings (not state: they only warn).
+        self.inactive_steps = torch.zeros(len(self.reward_names), dtype=torch.float64)
+        self._streaks: dict[str, list[int]] = {"unjudged": [0] * len(self.reward_names),
+                                               "indifferent": [0] * len(self.reward_names)}
+        self._warned: set[tuple[str, str]] = set()
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
 
@@ -186,7 +267,13 @@ class Trainer:
         mask = applicability_mask(set_ids, self.reward_names, self.components.prompt_sets)
         return torch.where(mask, rewards, torch.full_like(rewards, float("nan")))
 
-    def _fold_timesteps(self, rollout, r: torch.Tensor) -> TrainBatch:
+    def _judgement(self, adv) -> RowJudgement:
+        """Global image-level masks behind every reward's loss (SPEC §1.4, ``reward_scope``)."""
+        prefers = adv.valid & (adv.advantages != 0)
+        judged = adv.valid if self.config.reward_scope == "judged" else torch.ones_like(adv.valid)
+        return RowJudgement(judged, prefers, self.config.timesteps_per_image)
+
+    def _fold_timesteps(self, rollout, r: torch.Tensor, judgement: RowJudgement) -> TrainBatch:
         """T noisy versions x_t = (1−t)·x0 + t·ε of every image (SPEC §1.4)."""
         cfg = self.config
         batch, world, rank = rollout.x0.shape[0], self.dist.world_size, self.dist.rank
@@ -210,8 +297,34 @@ class Trainer:
             v_old.append(self.policy.old_velocity(x_t[sl], t[sl], c))
             if cfg.kl > 0:
                 v_ref.append(self.policy.ref_velocity(x_t[sl], t[sl], c))
+        images = rows + rank * batch
+        coef = reward_row_coefficients(judgement.judged[:, images], judgement.counts(), scale=world)
         return TrainBatch(x0, x_t, t, cond, r[:, rows].to(self.policy.device), torch.cat(v_old),
-                          torch.cat(v_ref) if v_ref else None)
+                          torch.cat(v_ref) if v_ref else None, images, coef.to(self.policy.device),
+                          judgement.candidates())
+
+    def _gram_rows(self, batch: TrainBatch, judgement: RowJudgement, groups: int, fraction: float | None = None,
+                   generator: torch.Generator | None = None) -> TrainBatch:
+        """The rows the per-reward gradients come from when ``gram_rows`` = f < 1: in every prompt
+        group (G images × T timesteps) max(1, round(f·G·T)) rows at random, drawn for the global
+        batch on every rank (so the loss coefficients count the subset of all ranks); each rank
+        keeps the rows of its own groups. A reward that judges a group keeps a row there."""
+        cfg, world, rank = self.config, self.dist.world_size, self.dist.rank
+        per_group = cfg.images_per_prompt * cfg.timesteps_per_image
+        fraction = cfg.gram_rows if fraction is None else fraction
+        keep = max(1, round(fraction * per_group))
+        choice = torch.rand(groups, per_group, generator=generator or self.generator).argsort(dim=1)[:, :keep]
+        # Group g's rows, timestep-major: timestep j of its image i is global image g·G + i.
+        timestep, image = choice // cfg.images_per_prompt, choice % cfg.images_per_prompt
+        global_images = (torch.arange(groups).view(-1, 1) * cfg.images_per_prompt + image).reshape(-1)
+        timestep = timestep.reshape(-1)
+        coef_counts = judgement.judged[:, global_images].sum(1)
+        candidates = judgement.candidates(global_images)
+        local_batch = batch.x0.shape[0] // cfg.timesteps_per_image
+        mine = (global_images >= rank * local_batch) & (global_images < (rank + 1) * local_batch)
+        local_rows = (timestep[mine] * local_batch + global_images[mine] - rank * local_batch).sort().values
+        coef = reward_row_coefficients(judgement.judged[:, batch.images[local_rows]], coef_counts, scale=world)
+        return batch.select(local_rows, coef.to(batch.coef.device), candidates)
 
     def _micro_slices(self, n: int) -> list[slice]:
         size = self.config.micro_batch or n
@@ -232,38 +345,52 @@ class Trainer:
         return self.config.kl * anchor_loss(v, batch.v_ref[sl], num_samples=n)
 
     # ---------------------------------------------------------------- gradients of the step
-    def _affine_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-reward gradients [K, P] and the anchor gradient [P] from two backward passes."""
+    def _affine_gradients(self, batch: TrainBatch, anchor: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-reward gradients [K, P] from two backward passes, plus the anchor gradient [P]
+        from a third (when there is an anchor and ``anchor`` is asked for)."""
         n = batch.x0.shape[0]
 
         def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-            with gram_ops.LoraCapture(self.policy.trainable_module()) as capture:
+            # The capture stays on through the backward passes: a checkpointed forward is replayed there.
+            with gram_ops.LoraCapture(self.policy.trainable_module(), self.params) as capture:
                 v = self._forward(batch, sl)
-            if self.config.loss_space == "x0":
-                U, W = nft_cotangents(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl],
-                                      self.config.beta, num_samples=n)
-            else:
-                U, W = affine_cotangents_autograd(
-                    lambda out, r: self._loss_per_row(out, batch, sl, r).sum() / n, v)
-            extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
-                     if batch.v_ref is not None else None)
-            return gram_ops.per_reward_gradients_affine(v, U, W, batch.r[:, sl], capture, self.params,
-                                                        extra=extra)
+                # ∂ℓ_k(i)/∂v_i = U_i + r_k(i)·W_i per row; L_k weighs row i by coef_ki (SPEC §1.5).
+                if self.config.loss_space == "x0":
+                    U, W = nft_cotangents(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl],
+                                          self.config.beta, num_samples=1)
+                else:
+                    U, W = affine_cotangents_autograd(
+                        lambda out, r: self._loss_per_row(out, batch, sl, r).sum(), v)
+                coef = batch.coef[:, sl]
+                extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
+                         if anchor and batch.v_ref is not None else None)
+                self._count_passes(2 + (extra is not None), sl)
+                return gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * batch.r[:, sl].double(),
+                                                            capture, extra=extra)
 
         return self._sum_over_micro_batches(n, micro_batch)
 
-    def _exact_gradients(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exact_gradients(self, batch: TrainBatch, anchor: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-reward gradients by one backward pass per reward (the reference), plus one for
-        the anchor when there is one (kl > 0)."""
+        the anchor when there is one (kl > 0) and ``anchor`` is asked for."""
         n, num_rewards = batch.x0.shape[0], batch.r.shape[0]
+        with_anchor = anchor and batch.v_ref is not None
 
         def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             v = self._forward(batch, sl)
-            losses = [self._loss_per_row(v, batch, sl, batch.r[k, sl]).sum() / n for k in range(num_rewards)]
-            if batch.v_ref is not None:
+            losses = []
+            for k in range(num_rewards):
+                coef = batch.coef[k, sl]
+                # L_k over the rows reward k judges; a reward judging none of them has no pass.
+                losses.append((coef.to(v.dtype) * self._loss_per_row(v, batch, sl, batch.r[k, sl])).sum()
+                              if coef.any() else torch.zeros((), device=v.device))
+            if with_anchor:
                 losses.append(self._anchor(v, batch, sl, n))
+            self._count_passes(sum(loss.requires_grad for loss in losses), sl)
             g = gram_ops.per_reward_gradients_exact(losses, self.params)
-            return g[:num_rewards], (g[-1] if batch.v_ref is not None else None)
+            return g[:num_rewards], (g[-1] if with_anchor else None)
 
         return self._sum_over_micro_batches(n, micro_batch)
 
@@ -281,14 +408,32 @@ class Trainer:
         return grads, anchor
 
     def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:
-        """One backward pass on (Σw)·L(r_eff) + anchor, r_eff = Σ_k (w_k/Σw)·r_k (SPEC §1.5)."""
+        """One backward pass on Σ_k w_k·L_k + anchor = Σ_i c_i·ℓ(i; r_eff(i)) + anchor (SPEC §1.5)."""
         n = batch.x0.shape[0]
-        total = weights.sum()
-        r_eff = (weights.view(-1, 1).to(batch.r) * batch.r).sum(0) / total if total != 0 else batch.r[0] * 0
+        c, r_eff = fused_row_weights(weights, batch.coef, batch.r)
         for sl in self._micro_slices(n):
             v = self._forward(batch, sl)
-            loss = total * self._loss_per_row(v, batch, sl, r_eff[sl]).sum() / n + self._anchor(v, batch, sl, n)
-            loss.backward()
+            policy = (c[sl].to(v.dtype) * self._loss_per_row(v, batch, sl, r_eff[sl].to(v.dtype))).sum()
+            self._count_passes(1, sl)
+            (policy + self._anchor(v, batch, sl, n)).backward()
+
+    def _count_passes(self, count: int, rows: slice) -> None:
+        """Backward passes of this step, in whole-batch units (a micro-batch counts its share)."""
+        self._passes += count * (rows.stop - rows.start) / self._rows
+
+    def _active(self, candidates: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """[K] bool: rewards that take part in balancing — a preference in the rows the gradients
+        came from, a finite gradient, and one above round-off of the largest (SPEC §1.4)."""
+        finite = torch.isfinite(grads).all(dim=1).cpu()
+        norms = torch.where(finite.to(grads.device), grads.double().norm(dim=1),
+                            torch.zeros((), dtype=torch.float64, device=grads.device)).cpu()
+        # Round-off scales with the gradients computed alongside, whether or not they are balanced.
+        largest = float(norms[finite].max()) if finite.any() else 0.0
+        dtype = getattr(self.policy, "autocast_dtype", None) or self.params[0].dtype
+        return candidates.cpu() & finite & (norms > numerical_zero_ratio(dtype) * largest) & (norms > 0)
+
+    def _balance(self, gram: torch.Tensor, step: int, active: torch.Tensor) -> torch.Tensor:
+        return balance_weights(self.balancer, gram, step, active)
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> dict[str, Any]:
@@ -323,43 +468,58 @@ class Trainer:
         judged = summed_rewards(gathered, self.summed_weights) if self.summed_weights is not None else gathered
         adv = group_advantages(judged, gathered_groups, std_scope=cfg.adv_std, clip=cfg.adv_clip)
         r = self.dist.local_rows(adv.probabilities)
+        judgement = self.judgement = self._judgement(adv)
 
-        # 4. Training rows: T timesteps per image, old and reference velocities (SPEC §1.4).
-        batch = self._fold_timesteps(rollout, r)
+        # 4. Training rows: T timesteps per image, old and reference velocities, and each
+        #    reward's loss over the rows it judges (SPEC §1.4).
+        batch = self._fold_timesteps(rollout, r, judgement)
+        self._rows, self._passes = batch.x0.shape[0], 0.0
         gradient_clock = self._clock()  # time/gradient_step: gradients, balancing, optimizer
 
         # 5-7. Per-reward gradients, Gram, balancer, one fused update (SPEC §1.5-1.7).
         self.optimizer.zero_grad(set_to_none=True)
         mode = self.gram_mode_for(step)
         metrics: dict[str, Any] = {}
+        active = None
         if mode in ("affine", "exact"):
-            grads, anchor = (self._affine_gradients if mode == "affine" else self._exact_gradients)(batch)
+            # gram_rows < 1: the gradients of a per-group sample of the rows; the update is then
+            # one backward over every row with the fresh weights (and the anchor).
+            sampled = cfg.gram_rows < 1.0
+            gram_batch = self._gram_rows(batch, judgement, cfg.prompts_per_step) if sampled else batch
+            gradients = self._affine_gradients if mode == "affine" else self._exact_gradients
+            grads, anchor = gradients(gram_batch, anchor=not sampled)
             # Global gradients: reduce the K gradient vectors, not per-rank Grams (SPEC §1.6).
             grads, anchor = self.dist.all_reduce_mean(grads), self.dist.all_reduce_mean(anchor)
             gram = gram_ops.gram_matrix(grads)
+            active = self._active(gram_batch.candidates, grads)
             metric = getattr(self.balancer, "gram_metric", "euclidean")
             solve_gram = gram if metric == "euclidean" else gram_ops.metric_gram(
                 grads, self.optimizer, self.params, metric=metric, grad_scale=self.clip_scale)
-            weights = self.balancer.weights(solve_gram, step).to(grads)
+            weights = self._balance(solve_gram, step, active)
             # Every rank solved the same QP; rank 0's answer makes λ bitwise equal everywhere.
             weights = self.dist.broadcast_from_main(weights)
-            # A reward with a non-finite gradient gets weight 0 from the balancer; keep its NaNs
-            # out of the fused gradient too (0·NaN = NaN).
-            finite = torch.isfinite(grads).all(dim=1)
-            fused = weights[finite] @ grads[finite]
-            gram_ops.write_flat_grad(self.params, fused + anchor)
-            metrics.update(self._gradient_diagnostics(gram, weights))
+            if sampled:
+                self._fused_backward(batch, weights)
+                self.dist.all_reduce_mean_grads(self.params)
+            else:  # the fused gradient is Σ w_k g_k of the same two passes: no third backward
+                keep = active.to(grads.device)
+                fused = weights.to(grads)[keep] @ grads[keep]
+                gram_ops.write_flat_grad(self.params, fused + anchor)
+            metrics.update(self._gradient_diagnostics(gram, weights, active))
         else:
             grads = None
             if self.summed_weights is not None:
-                weights = torch.ones(1)  # one advantage of the summed reward
-            elif mode == "reuse":
-                weights = self.loss_weights
+                weights = torch.ones(1, dtype=torch.float64)  # one advantage of the summed reward
+            elif mode == "reuse":  # the last solve's weights, over the rewards active now
+                active = batch.candidates.cpu()
+                weights = torch.where(active, self.loss_weights, torch.zeros_like(self.loss_weights))
             else:
                 weights = self.balancer.weights(None, step)
-            self._fused_backward(batch, weights.to(batch.r))
+            self._fused_backward(batch, weights)
             self.dist.all_reduce_mean_grads(self.params)
-        self.loss_weights = weights.detach().cpu()
+        weights = weights.detach().cpu().double()
+        if mode != "reuse":  # periodic mode reuses the weights of its last solve
+            self.loss_weights = weights
 
         before = [p.detach().clone() for p in self.params] if grads is not None else None
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
@@ -374,7 +534,7 @@ class Trainer:
             cos_update = gram_ops.update_cosines(grads, -delta.to(grads))
             for name, value in zip(self.reward_names, cos_update.tolist()):
                 metrics[f"cos_update/{name}"] = value
-            metrics["cos_update/worst"] = float(cos_update.min())
+            metrics["cos_update/worst"] = _worst(cos_update, active)
 
         # Old policy ← EMA of the trainable weights.
         self.policy.update_old(self.old_decay(step))
@@ -382,25 +542,50 @@ class Trainer:
 
         # 8. Diagnostics (SPEC §1.8).
         self.step_count += 1
-        metrics.update({"step": self.step_count, "gram_mode": mode, "grad_norm": float(grad_norm)})
+        metrics.update({"step": self.step_count, "gram_mode": mode, "grad_norm": float(grad_norm),
+                        "backward_passes": self._passes})
         metrics.update(reward_statistics(gathered, self.reward_names))
         lam = getattr(self.balancer, "lam", None)
         names = self.reward_names if self.summed_weights is None else ["summed"]
         for k, name in enumerate(names):
-            metrics[f"weight/{name}"] = float(self.loss_weights[k]) if k < len(self.loss_weights) else float("nan")
+            metrics[f"weight/{name}"] = float(weights[k]) if k < len(weights) else float("nan")
             if lam is not None and k < len(lam):
                 metrics[f"lambda/{name}"] = float(lam[k])
             valid = adv.valid[k]
             metrics[f"adv_abs/{name}"] = float(adv.advantages[k][valid].abs().mean()) if valid.any() else 0.0
+            metrics[f"judged_rows/{name}"] = float(judgement.counts()[k])
+        if active is not None:
+            metrics.update(self._activity(active, judgement))
         if mode != "reuse":  # between periodic solves the balancer did not run: no stale metrics
             metrics.update({key: float(v) for key, v in getattr(self.balancer, "metrics", {}).items()})
         metrics.update(timings)
         return metrics
 
-    def _gradient_diagnostics(self, gram: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    def _activity(self, active: torch.Tensor, judgement: RowJudgement) -> dict[str, float]:
+        """Per-reward `active/…` and cumulative `inactive_steps/…` metrics; a one-line warning
+        once a reward has judged, or preferred, nothing for INACTIVE_WARN_STEPS steps in a row."""
+        counts, candidates = judgement.counts(), judgement.candidates()
+        out = {}
+        for k, name in enumerate(self.reward_names):
+            out[f"active/{name}"] = float(active[k])
+            self.inactive_steps[k] += float(not active[k])
+            out[f"inactive_steps/{name}"] = float(self.inactive_steps[k])
+            for kind, idle in (("unjudged", counts[k] == 0), ("indifferent", counts[k] > 0 and not candidates[k])):
+                streak = self._streaks[kind]
+                streak[k] = streak[k] + 1 if idle else 0
+                if streak[k] >= INACTIVE_WARN_STEPS and (kind, name) not in self._warned:
+                    self._warned.add((kind, name))
+                    why = ("judged no sample" if kind == "unjudged" else
+                           "scored the images of every prompt group equally (all advantages 0)")
+                    warnings.warn(f"reward {name!r} {why} in the last {INACTIVE_WARN_STEPS} steps; it takes no "
+                                  "part in balancing (λ = 0) while so", RuntimeWarning, stacklevel=2)
+        return out
+
+    def _gradient_diagnostics(self, gram: torch.Tensor, weights: torch.Tensor,
+                              active: torch.Tensor) -> dict[str, float]:
         diag = gram_ops.cosine_diagnostics(gram, weights)
         out = {f"cos/{name}": float(c) for name, c in zip(self.reward_names, diag["cos"].tolist())}
-        out["cos/worst"] = float(diag["worst"])
+        out["cos/worst"] = _worst(diag["cos"], active)  # the paper's worst-aligned reward, among the active
         out.update({f"grad_norm/{name}": math.sqrt(max(float(gram[k, k]), 0.0))
                     for k, name in enumerate(self.reward_names)})
         return out
@@ -414,6 +599,7 @@ class Trainer:
             "balancer": self.balancer.state_dict(),
             "loss_weights": self.loss_weights,
             "clip_scale": torch.tensor(self.clip_scale, dtype=torch.float64),
+            "inactive_steps": self.inactive_steps.clone(),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
         }
@@ -427,5 +613,13 @@ class Trainer:
         self.balancer.load_state_dict(state["balancer"])
         self.loss_weights = state["loss_weights"]
         self.clip_scale = float(state["clip_scale"])
+        if "inactive_steps" in state:  # checkpoints before per-reward activity start at 0
+            self.inactive_steps = torch.as_tensor(state["inactive_steps"], dtype=torch.float64).clone()
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
+
+
+def _worst(cosines: torch.Tensor, active: torch.Tensor | None) -> float:
+    """The smallest cosine among the active rewards (NaN when none is active)."""
+    values = cosines if active is None else cosines[active.to(cosines.device)]
+    return float(values.min()) if values.numel() else float("nan")

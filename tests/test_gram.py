@@ -15,8 +15,10 @@ from marble_kit.errors import MarbleError
 from marble_kit.nft import (
     anchor_cotangent,
     anchor_loss,
+    fused_row_weights,
     nft_cotangents,
     nft_loss_per_sample,
+    reward_row_coefficients,
 )
 
 
@@ -70,49 +72,112 @@ def nft_batch(batch: int, num_rewards: int, dtype, seed: int = 1):
     return x_t, x0, t, v_old, v_ref, r
 
 
+def masked_coefficients(num_rewards: int, batch: int, dtype, seed: int, absent: int | None = None):
+    """L_k over a random subset of the rows (some reward judging few or none): coef = m/n."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    judged = torch.rand(num_rewards, batch, generator=generator) < 0.6
+    judged[:, 0] = True  # every reward judges something ...
+    if absent is not None:
+        judged[absent] = False  # ... except the absent one
+    return reward_row_coefficients(judged, judged.sum(1)).to(dtype)
+
+
+def masked_losses(v, v_old, x_t, x0, t, r, coef, beta):
+    return [(coef[k] * nft_loss_per_sample(v, v_old, x_t, x0, t, r[k], beta)).sum() for k in range(r.shape[0])]
+
+
+def affine_gradients(net, params, x_t, x0, t, v_old, r, coef, beta, extra_ref=None, kl=0.0):
+    with gram_ops.LoraCapture(net, params) as capture:  # also around the backward: a checkpointed
+        v = net(x_t)                                     # forward is replayed inside it
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, beta, num_samples=1)
+        extra = kl * anchor_cotangent(v, extra_ref) if extra_ref is not None else None
+        return gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * r, capture, extra=extra)
+
+
 @pytest.mark.parametrize("num_rewards", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_affine_gram_and_fused_gradient_equal_exact(num_rewards, dtype, tolerance):
+    """Masked per-reward losses L_k = Σ_{i judged by k} ℓ_k(i)/n_k (one reward judging nothing
+    when K > 2): the two-pass gradients equal one backward per reward, and the fused gradient
+    equals one backward on Σ_i c_i·ℓ(i; r_eff(i))."""
     net, params = lora_network(seed=num_rewards, dtype=dtype, bias=num_rewards % 2 == 0)
     x_t, x0, t, v_old, v_ref, r = nft_batch(5, num_rewards, dtype, seed=num_rewards)
+    coef = masked_coefficients(num_rewards, 5, dtype, num_rewards, absent=2 if num_rewards > 2 else None)
     beta, kl = 0.1, 1e-2
 
-    with gram_ops.LoraCapture(net) as capture:
-        v = net(x_t)
-    U, W = nft_cotangents(v, v_old, x_t, x0, t, beta)
-    extra = kl * anchor_cotangent(v, v_ref)
-    affine, anchor = gram_ops.per_reward_gradients_affine(v, U, W, r, capture, params, extra=extra)
+    affine, anchor = affine_gradients(net, params, x_t, x0, t, v_old, r, coef, beta, extra_ref=v_ref, kl=kl)
 
     v = net(x_t)
-    losses = [nft_loss_per_sample(v, v_old, x_t, x0, t, r[k], beta).mean() for k in range(num_rewards)]
+    losses = masked_losses(v, v_old, x_t, x0, t, r, coef, beta)
     exact = gram_ops.per_reward_gradients_exact(losses + [kl * anchor_loss(v, v_ref)], params)
 
     scale = exact.abs().max()
     assert scale > 0
     assert (affine - exact[:-1]).abs().max() <= tolerance * scale
     assert (anchor - exact[-1]).abs().max() <= tolerance * max(exact[-1].abs().max(), 1e-30)
+    if num_rewards > 2:
+        assert not affine[2].any() and not exact[2].any()  # no judged row: exactly no gradient
     gram_affine, gram_exact = gram_ops.gram_matrix(affine), gram_ops.gram_matrix(exact[:-1])
     assert (gram_affine - gram_exact).abs().max() <= 10 * tolerance * gram_exact.abs().max()
 
-    # The fused gradient Σ w_k g_k equals one backward on (Σw)·L(r_eff), r_eff = Σ (w_k/Σw) r_k.
-    weights = torch.as_tensor(MinNormQP().solve(gram_affine.numpy(), "unit").weights).to(dtype)
+    # The fused gradient Σ w_k g_k equals one backward on Σ_i c_i·ℓ(i; r_eff(i)) (SPEC §1.5).
+    weights = torch.rand(num_rewards, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     fused = gram_ops.fused_gradient(affine, weights)
-    r_eff = (weights[:, None] * r).sum(0) / weights.sum()
+    c, r_eff = fused_row_weights(weights, coef, r)
     net.zero_grad()
     v = net(x_t)
-    (weights.sum() * nft_loss_per_sample(v, v_old, x_t, x0, t, r_eff, beta).mean()).backward()
+    (c.to(dtype) * nft_loss_per_sample(v, v_old, x_t, x0, t, r_eff.to(dtype), beta)).sum().backward()
     single = torch.cat([p.grad.reshape(-1) for p in params])
     assert (fused - single).abs().max() <= tolerance * single.abs().max()
+
+
+class CheckpointedDiT(TinyDiT):
+    """TinyDiT with its middle in a non-reentrant checkpoint (as diffusers does): the layer
+    inputs are recomputed in the backward instead of kept."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj_in(x))
+        h = torch.utils.checkpoint.checkpoint(self._middle, h, use_reentrant=False)
+        return self.proj_out(h)
+
+    def _middle(self, h: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.attn_q(h) @ self.attn_k(h).transpose(1, 2) / 4.0, dim=-1)
+        h = h + scores @ h
+        return h + torch.tanh(self.mlp(h))
+
+
+def test_affine_equals_exact_under_gradient_checkpointing_and_keeps_no_input():
+    torch.manual_seed(0)
+    net = CheckpointedDiT()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                        target_modules=["proj_in", "attn_q", "attn_k", "mlp", "proj_out"])
+    net = inject_adapter_in_model(config, net).to(torch.float32)
+    for name, param in net.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.2)
+    params = [p for p in net.parameters() if p.requires_grad]
+    x_t, x0, t, v_old, v_ref, r = nft_batch(6, 3, torch.float32, seed=3)
+    coef = masked_coefficients(3, 6, torch.float32, 3)
+    affine, anchor = affine_gradients(net, params, x_t, x0, t, v_old, r, coef, 0.5, extra_ref=v_ref, kl=0.1)
+    v = net(x_t)
+    exact = gram_ops.per_reward_gradients_exact(
+        masked_losses(v, v_old, x_t, x0, t, r, coef, 0.5) + [0.1 * anchor_loss(v, v_ref)], params)
+    assert (affine - exact[:-1]).abs().max() <= 1e-6 * exact.abs().max()
+    assert (anchor - exact[-1]).abs().max() <= 1e-6 * exact[-1].abs().max()
+    # The capture holds no tensor of the forward: nothing is recorded outside autograd's graph.
+    with gram_ops.LoraCapture(net, params) as capture:
+        net(x_t)
+    assert not [value for value in vars(capture).values() if isinstance(value, torch.Tensor)]
+    assert all("forward" not in vars(m) for m in net.modules())  # the patched forwards are gone
 
 
 def test_affine_without_anchor_and_flat_order_follows_params():
     net, params = lora_network()
     x_t, x0, t, v_old, _, r = nft_batch(3, 2, torch.float64)
     reordered = params[::-1]
-    with gram_ops.LoraCapture(net) as capture:
-        v = net(x_t)
-    U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0)
-    grads, anchor = gram_ops.per_reward_gradients_affine(v, U, W, r, capture, reordered)
+    coef = torch.full((2, 3), 1.0 / 3, dtype=torch.float64)
+    grads, anchor = affine_gradients(net, reordered, x_t, x0, t, v_old, r, coef, 1.0)
     assert anchor is None
     v = net(x_t)
     losses = [nft_loss_per_sample(v, v_old, x_t, x0, t, r[k], 1.0).mean() for k in range(2)]
@@ -120,27 +185,30 @@ def test_affine_without_anchor_and_flat_order_follows_params():
 
 
 def test_affine_refuses_batch_norm_and_non_lora_parameters():
-    net, _ = lora_network(batch_norm=True)
+    net, params = lora_network(batch_norm=True)
     with pytest.raises(MarbleError, match="batch-norm"):
         gram_ops.refuse_cross_sample_ops(net)
-    with pytest.raises(MarbleError, match="--gram exact"), gram_ops.LoraCapture(net):
+    with pytest.raises(MarbleError, match="--gram exact"), gram_ops.LoraCapture(net, params):
         pass
     net.eval()  # running statistics: samples no longer interact
     gram_ops.refuse_cross_sample_ops(net)
 
-    with pytest.raises(MarbleError, match="no active trainable LoRA"), gram_ops.LoraCapture(TinyDiT()):
+    with pytest.raises(MarbleError, match="no active trainable LoRA"), gram_ops.LoraCapture(TinyDiT(), []):
         pass
 
     net, params = lora_network()
     extra_param = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(MarbleError, match="not an active LoRA factor"), \
+            gram_ops.LoraCapture(net, params + [extra_param]):
+        pass
     x_t, x0, t, v_old, _, r = nft_batch(2, 2, torch.float64)
-    with gram_ops.LoraCapture(net) as capture:
+    with gram_ops.LoraCapture(net, params) as capture:
         v = net(x_t)
-    U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0)
-    with pytest.raises(MarbleError, match="not a LoRA factor"):
-        gram_ops.per_reward_gradients_affine(v, U, W, r, capture, params + [extra_param])
-    with pytest.raises(MarbleError, match=r"r must be \[K, 2\]"):
-        gram_ops.per_reward_gradients_affine(v, U, W, r[:, :1], capture, params)
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0, num_samples=1)
+        with pytest.raises(MarbleError, match=r"coefficients must be \[J, 2\]"):
+            gram_ops.per_reward_gradients_affine(v, U, W, r[:, :1], r[:, :1], capture)
+        with pytest.raises(MarbleError, match="NaN"):
+            gram_ops.per_reward_gradients_affine(v, U, W, r * float("nan"), r, capture)
 
 
 def test_exact_gradients_of_a_constant_loss_are_zero():

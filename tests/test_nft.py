@@ -9,8 +9,10 @@ from marble_kit.nft import (
     affine_cotangents_autograd,
     anchor_cotangent,
     anchor_loss,
+    fused_row_weights,
     nft_cotangents,
     nft_loss_per_sample,
+    reward_row_coefficients,
     velocity_loss_per_sample,
 )
 
@@ -95,3 +97,75 @@ def test_loss_prefers_the_better_side():
     towards_data = (target_v - v).detach()
     assert (-(g_pos * towards_data).sum()) > 0
     assert (-(g_neg * towards_data).sum()) < 0
+
+
+# ------------------------------------------------------ masked per-reward losses (SPEC §1.4–1.5)
+def _masked_problem(seed: int, k: int, batch: int = 9, group: int = 3):
+    """Rewards with NaN patterns (one reward judging nothing, one scoring every group equally)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    rewards = torch.randn(k, batch, generator=g, dtype=torch.float64) * 3
+    rewards[torch.rand(k, batch, generator=g) < 0.35] = float("nan")
+    if k > 1:
+        rewards[1] = float("nan")                      # judges nothing
+    if k > 2:
+        rewards[2] = torch.arange(batch, dtype=torch.float64).div(group).floor() * 0.1  # constant per group
+    adv = group_advantages(rewards, torch.arange(batch) // group, clip=2.0)
+    judged = adv.valid
+    coef = reward_row_coefficients(judged, judged.sum(1))
+    return adv, judged, coef
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6), beta=st.sampled_from([0.1, 1.0]))
+def test_masked_losses_are_means_over_judged_rows_and_fuse_into_one_loss(seed, k, beta):
+    """L_k = mean of ℓ_k over the rows reward k judges (0 without any), and for any w ≥ 0
+    Σ_k w_k L_k = Σ_i c_i·ℓ(i; r_eff(i)) — value and gradient, with NaN patterns and clipping."""
+    v, v_old, x_t, x0, t = _batch(seed, batch=9)
+    adv, judged, coef = _masked_problem(seed, k)
+    r = adv.probabilities.double()
+    per_row = torch.stack([nft_loss_per_sample(v, v_old, x_t, x0, t, r[i], beta) for i in range(k)])
+    losses = (coef * per_row).sum(1)
+    for i in range(k):
+        expected = per_row[i][judged[i]].mean() if judged[i].any() else torch.zeros((), dtype=torch.float64)
+        assert torch.allclose(losses[i], expected, rtol=1e-12, atol=1e-15)
+    w = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    c, r_eff = fused_row_weights(w, coef, r)
+    fused = (c * nft_loss_per_sample(v, v_old, x_t, x0, t, r_eff, beta)).sum()
+    assert torch.allclose(w @ losses, fused, rtol=1e-9, atol=1e-12)
+    grads = torch.stack([torch.autograd.grad(losses[i], v, retain_graph=True)[0] for i in range(k)])
+    (fused_grad,) = torch.autograd.grad(fused, v)
+    assert torch.allclose(torch.einsum("k,k...->...", w, grads), fused_grad, rtol=1e-9, atol=1e-14)
+    assert ((r_eff >= 0) & (r_eff <= 1)).all()
+    assert torch.equal(c == 0, ~judged.any(0) | (w[:, None] * judged == 0).all(0))
+
+
+def test_preference_and_judged_counts_of_the_advantages():
+    """A reward that judges nothing, or scores every group equally, expresses no preference;
+    its advantages are exactly 0 (also where the group mean is not exact in floating point)."""
+    rewards = torch.tensor([[0.1, 0.1, 0.1, 0.3, 0.3, 0.3],        # equal within each group
+                            [float("nan")] * 6,                    # judges nothing
+                            [0.1, 0.2, float("nan"), 5.0, 5.0, 5.0]], dtype=torch.float64)
+    adv = group_advantages(rewards, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert adv.judged().tolist() == [6, 0, 5]
+    assert adv.expresses_preference().tolist() == [False, False, True]
+    assert (adv.advantages[0] == 0).all() and (adv.advantages[2, 3:] == 0).all()
+    assert (adv.probabilities[:2] == 0.5).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), world=st.sampled_from([2, 3]))
+def test_rank_shares_with_global_counts_average_to_the_global_masked_mean(seed, world):
+    """n_k counts the judged rows of all ranks: each rank's Σ coef·ℓ with coef = W·m/n_k, averaged
+    over ranks (the gradient all-reduce), is the mean over the judged rows of the whole batch,
+    even when the ranks judge different numbers of rows."""
+    batch = 12
+    v, v_old, x_t, x0, t = _batch(seed, batch=batch)
+    adv, judged, _ = _masked_problem(seed, 4, batch=batch)
+    r = adv.probabilities.double()
+    per_row = torch.stack([nft_loss_per_sample(v, v_old, x_t, x0, t, r[i], 0.5) for i in range(4)])
+    counts = judged.sum(1)
+    shares = [(reward_row_coefficients(judged[:, part], counts, scale=world) * per_row[:, part]).sum(1)
+              for part in torch.arange(batch).chunk(world)]
+    averaged = torch.stack(shares).mean(0)
+    whole = (reward_row_coefficients(judged, counts) * per_row).sum(1)
+    assert torch.allclose(averaged, whole, rtol=1e-12, atol=1e-15)

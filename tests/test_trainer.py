@@ -1,5 +1,7 @@
 """The training step on the tiny SD3 policy: determinism, Gram modes, errors, learning."""
 
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -191,3 +193,191 @@ def test_offloaded_rewards_visit_the_policy_device_only_while_scoring():
         assert trainer.rewards[0].device == torch.device("cpu")
     finally:
         registry.entries["reward"].pop("tracking", None)
+
+
+# ------------------------------------------------ per-reward losses over the rows each judges
+class NanReward:
+    """Judges nothing: NaN for every image (a broken or misconfigured third-party reward)."""
+
+    name = "nan_reward"
+
+    def __call__(self, images, prompts):
+        return torch.full((images.shape[0],), float("nan"))
+
+    def to(self, device):
+        return self
+
+
+class FlatReward(NanReward):
+    """Judges every image and prefers none (like OCR on a prior that cannot write)."""
+
+    name = "flat_reward"
+
+    def __call__(self, images, prompts):
+        return torch.full((images.shape[0],), 0.25)
+
+
+@pytest.fixture
+def idle_rewards():
+    registry = get_registry()
+    for cls in (NanReward, FlatReward):
+        registry.entries["reward"].pop(cls.name, None)
+        registry.add(PluginInfo("reward", cls.name, cls, "test reward", "tests", __name__))
+    yield
+    for cls in (NanReward, FlatReward):
+        registry.entries["reward"].pop(cls.name, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gram,balancer", [("affine", "marble"), ("exact", "mgda-qp"), ("affine", "upgrad")])
+def test_rewards_that_judge_or_prefer_nothing_get_weight_zero_from_the_first_step(idle_rewards, gram, balancer):
+    """An all-NaN reward and a reward with equal scores everywhere take no part in balancing:
+    λ = 0 and loss weight 0 from step 1, `active/…` = 0, and a one-line warning after 3 steps."""
+    trainer = _trainer(rewards=["color", "nan_reward", "flat_reward"], prompts=["colors"], gram=gram,
+                       balancer=balancer)
+    with pytest.warns(RuntimeWarning) as caught:
+        history = [trainer.step() for _ in range(3)]
+    for metrics in history:
+        assert metrics["weight/color"] > 0 and metrics["active/color"] == 1.0
+        for name in ("nan_reward", "flat_reward"):
+            assert metrics[f"weight/{name}"] == 0.0 and metrics[f"active/{name}"] == 0.0
+            if balancer != "upgrad":
+                assert metrics[f"lambda/{name}"] == 0.0
+    assert history[0]["judged_rows/nan_reward"] == 0.0 and history[0]["judged_rows/flat_reward"] > 0
+    assert history[-1]["inactive_steps/nan_reward"] == 3.0
+    messages = [str(w.message) for w in caught]
+    assert any("'nan_reward' judged no sample in the last 3 steps" in m for m in messages), messages
+    assert any("'flat_reward' scored the images of every prompt group equally" in m for m in messages), messages
+
+
+def _captured_batch(trainer):
+    """Run one step and keep the training batch it built."""
+    captured = {}
+    fold = trainer._fold_timesteps
+
+    def keep(*args):
+        captured["batch"] = fold(*args)
+        return captured["batch"]
+
+    trainer._fold_timesteps = keep
+    trainer.step()
+    return captured["batch"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gram", ["affine", "exact"])
+def test_a_rewards_gradient_ignores_the_rows_it_does_not_judge(gram):
+    """Changing the rows reward k does not judge — their latents, timesteps, old velocities and
+    reward probabilities — leaves g_k unchanged (and changes the other rewards' gradients)."""
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram=gram, kl=0.0)
+    batch = _captured_batch(trainer)
+    k = trainer.reward_names.index("color")
+    unjudged = batch.coef[k] == 0
+    assert unjudged.any() and (~unjudged).any(), "the world prompts judge color on some rows only"
+    gradients = trainer._affine_gradients if gram == "affine" else trainer._exact_gradients
+    before, _ = gradients(batch, anchor=False)
+    g = torch.Generator().manual_seed(0)
+    changed = dataclasses.replace(
+        batch,
+        x0=torch.where(unjudged.view(-1, 1, 1, 1), torch.randn(batch.x0.shape, generator=g), batch.x0),
+        x_t=torch.where(unjudged.view(-1, 1, 1, 1), torch.randn(batch.x_t.shape, generator=g), batch.x_t),
+        t=torch.where(unjudged, torch.rand(batch.t.shape, generator=g) * 0.9 + 0.05, batch.t),
+        v_old=torch.where(unjudged.view(-1, 1, 1, 1), torch.randn(batch.v_old.shape, generator=g), batch.v_old),
+        r=torch.where(unjudged, torch.rand(batch.r.shape, generator=g), batch.r))
+    after, _ = gradients(changed, anchor=False)
+    torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=1e-7 * float(before[k].abs().max()))
+    others = [i for i in range(len(trainer.reward_names)) if (batch.coef[i][unjudged] != 0).any()]
+    assert others and all(not torch.allclose(after[i], before[i]) for i in others)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro_batch", [0, 3])
+def test_fused_backward_is_the_weighted_sum_of_masked_per_reward_gradients(micro_batch):
+    """One backward on Σ_i c_i·ℓ(i; r_eff(i)) (+ anchor) = Σ_k w_k·∇L_k (+ ∇anchor), with the
+    world's NaN patterns, any weights ≥ 0 and micro-batches."""
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram="exact",
+                       micro_batch=micro_batch)
+    batch = _captured_batch(trainer)
+    assert (batch.coef == 0).any()  # some rows are not judged by some rewards
+    grads, anchor = trainer._exact_gradients(batch)
+    weights = torch.tensor([0.7, 0.0, 1.3, 0.4], dtype=torch.float64)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._fused_backward(batch, weights)
+    fused = torch.cat([p.grad.reshape(-1) for p in trainer.params])
+    expected = weights.to(grads) @ grads + anchor
+    assert (fused - expected).norm() <= 1e-5 * expected.norm()
+
+
+@pytest.mark.slow
+def test_affine_equals_exact_when_some_rewards_judge_nothing():
+    """One prompt set per step: the other specialist rewards are absent, their gradients are
+    exactly zero in both modes and the present ones agree to float32 round-off."""
+    trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact")
+    batch = _captured_batch(trainer)
+    absent = batch.coef.sum(1) == 0
+    assert absent.any() and (~absent).any()
+    exact, _ = trainer._exact_gradients(batch, anchor=False)
+    affine, _ = trainer._affine_gradients(batch, anchor=False)
+    assert not exact[absent].any() and not affine[absent].any()
+    assert (affine - exact).abs().max() <= 1e-6 * exact.abs().max() * 10
+    gram_a, gram_e = (g.double() @ g.double().T for g in (affine, exact))
+    assert (gram_a - gram_e).abs().max() <= 1e-5 * gram_e.abs().max()
+
+
+def test_numerical_zero_ratio_follows_the_dtype():
+    from marble_kit.trainer import numerical_zero_ratio
+
+    assert numerical_zero_ratio(torch.float32) == pytest.approx(64 * 1.1920929e-07)
+    assert numerical_zero_ratio(torch.float64) < 1e-13
+    assert numerical_zero_ratio(torch.bfloat16) == 1e-3  # capped: a real 0.1% gradient stays in
+
+
+@pytest.mark.slow
+def test_round_off_gradients_are_not_active_but_small_real_ones_are():
+    trainer = _trainer()
+    grads = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    grads[1] *= 2e-7       # what a zero becomes after float32 sums: out
+    grads[2] *= 1e-4       # small but real: in
+    grads[3] = float("nan")
+    candidates = torch.tensor([True, True, True, True])
+    assert trainer._active(candidates, grads).tolist() == [True, False, True, False]
+    assert trainer._active(torch.tensor([False, True, True, True]), grads).tolist() == [False, False, True, False]
+
+
+@pytest.mark.slow
+def test_sampled_gram_rows_keep_every_group_and_cost_one_plus_two_f_passes():
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine",
+                       gram_rows=0.25, kl=1e-2)
+    batch = _captured_batch(trainer)
+    subset = trainer._gram_rows(batch, trainer.judgement, 4, generator=torch.Generator().manual_seed(1))
+    picked = subset.images // 2  # the prompt group of each kept row (G = 2 images per prompt)
+    assert torch.bincount(picked, minlength=4).tolist() == [2, 2, 2, 2]  # round(0.25 · G·T) rows per group
+    assert torch.allclose(subset.coef.sum(1)[subset.coef.sum(1) > 0],
+                          torch.ones(int((subset.coef.sum(1) > 0).sum()), dtype=torch.float64))
+    metrics = trainer.step()
+    assert metrics["backward_passes"] == pytest.approx(1 + 2 * 0.25)  # the anchor rides on the update
+    full = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine", kl=1e-2)
+    assert full.step()["backward_passes"] == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_reward_scope_all_averages_every_reward_over_every_row():
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, reward_scope="all")
+    batch = _captured_batch(trainer)
+    n = batch.x0.shape[0]
+    assert torch.allclose(batch.coef, torch.full_like(batch.coef, 1.0 / n))
+
+
+@pytest.mark.slow
+def test_periodic_reuse_steps_drop_the_rewards_that_are_inactive_now(idle_rewards):
+    trainer = _trainer(rewards=["color", "shape", "flat_reward"], prompts=["colors:color+flat_reward", "shapes"],
+                       gram="periodic", gram_period=5, prompts_per_step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = [trainer.step() for _ in range(4)]
+    for metrics in history[1:]:
+        assert metrics["gram_mode"] == "reuse"
+        for name in ("color", "shape"):
+            if metrics[f"judged_rows/{name}"] == 0:
+                assert metrics[f"weight/{name}"] == 0.0 and metrics[f"active/{name}"] == 0.0
+        assert metrics["weight/flat_reward"] == 0.0

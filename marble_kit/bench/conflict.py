@@ -43,6 +43,7 @@ from marble_kit.bench.common import (
 from marble_kit.config import DEFAULT_REWARDS, TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.evaluate import score_policy
+from marble_kit.nft import reward_row_coefficients
 from marble_kit.prompts import applicability_mask, load_prompt_sets
 from marble_kit.trainer import TrainBatch, Trainer
 
@@ -63,8 +64,12 @@ METHODS = (
     Method("marble", "marble", "affine"),
     Method("marble-periodic", "marble", "periodic"),
     Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum"}),
+    # not run by default: the two gradient normalizations side by side (the `marble` default's choice)
+    Method("marble-unit", "marble", "affine", {"normalize": "unit"}),
+    Method("marble-none", "marble", "affine", {"normalize": "none"}),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
+DEFAULT_METHODS = METHOD_NAMES[:6]
 
 
 @dataclass
@@ -74,7 +79,7 @@ class ConflictSettings:
 
     steps: int = 30
     seeds: int = 3
-    methods: list = field(default_factory=lambda: list(METHOD_NAMES))
+    methods: list = field(default_factory=lambda: list(DEFAULT_METHODS))
     rewards: list = field(default_factory=lambda: list(DEFAULT_REWARDS))
     prompts: list = field(default_factory=lambda: ["default"])
     eval_prompts: list = field(default_factory=lambda: ["world_eval"])
@@ -86,6 +91,7 @@ class ConflictSettings:
     sample_steps: int = 8
     gram_period: int = 10
     lr: float = 5e-3               # the trainer's default; 1e-2 degraded even a single reward here
+    reward_scope: str = "judged"   # rows of each reward's loss (TrainConfig.reward_scope)
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
 
@@ -104,7 +110,7 @@ class ConflictSettings:
             gram_period=self.gram_period, prompts=list(self.prompts), seed=seed, steps=self.steps,
             prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
             timesteps_per_image=self.timesteps_per_image, sample_steps=self.sample_steps, lr=self.lr,
-            out="-", checkpoint_every=0, sample_every=0)
+            reward_scope=self.reward_scope, out="-", checkpoint_every=0, sample_every=0)
 
 
 class DiagnosedTrainer(Trainer):
@@ -125,37 +131,42 @@ class DiagnosedTrainer(Trainer):
         self._scored = rewards
         return rewards
 
-    def _per_reward_rows(self, batch: TrainBatch) -> torch.Tensor:
-        """r_k of every reward on the training rows (the summed baseline trains on one r)."""
+    def _per_reward_rows(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """r_k, the loss coefficients and the preference of every reward on the training rows
+        (the summed baseline trains on one advantage of the summed reward)."""
         rewards = self._scored
         groups = torch.arange(rewards.shape[1]) // self.config.images_per_prompt
-        r = group_advantages(rewards, groups, std_scope=self.config.adv_std,
-                             clip=self.config.adv_clip).probabilities
+        adv = group_advantages(rewards, groups, std_scope=self.config.adv_std, clip=self.config.adv_clip)
+        judgement = self._judgement(adv)
         rows = torch.arange(rewards.shape[1]).repeat(self.config.timesteps_per_image)
-        return r[:, rows].to(batch.r)
+        coef = reward_row_coefficients(judgement.judged[:, rows], judgement.counts())
+        return adv.probabilities[:, rows].to(batch.r), coef.to(batch.coef), judgement.candidates()
 
     def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:
         summed = self.summed_weights is not None
-        per_reward = self._per_reward_rows(batch) if summed else batch.r
-        rows = torch.cat([per_reward, batch.r]) if summed else per_reward
-        grads, _ = self._affine_gradients(dataclasses.replace(batch, r=rows))
-        num_rewards = per_reward.shape[0]
+        if summed:
+            r, coef, candidates = self._per_reward_rows(batch)
+            rows = dataclasses.replace(batch, r=torch.cat([r, batch.r]), coef=torch.cat([coef, batch.coef]))
+        else:
+            rows, candidates = batch, batch.candidates
+        grads, _ = self._affine_gradients(rows, anchor=False)
+        num_rewards = len(self.reward_names)
         weights_ = weights.to(grads)
         fused = weights_ @ grads[num_rewards:] if summed else weights_ @ grads
         before = torch.cat([p.detach().reshape(-1).clone() for p in self.params])
-        self._diagnosis = (grads[:num_rewards], fused, before)
+        self._diagnosis = (grads[:num_rewards], fused, before, self._active(candidates, grads[:num_rewards]))
         super()._fused_backward(batch, weights)
 
     def step(self) -> dict[str, Any]:
         self._diagnosis = None
         metrics = super().step()
         if self._diagnosis is not None:
-            grads, fused, before = self._diagnosis
+            grads, fused, before, active = self._diagnosis
             delta = torch.cat([p.detach().reshape(-1) for p in self.params]) - before
             for prefix, direction in (("cos", fused), ("cos_update", -delta)):
                 cos = gram_ops.update_cosines(grads, direction.to(grads))
                 metrics.update({f"{prefix}/{n}": float(c) for n, c in zip(self.reward_names, cos)})
-                metrics[f"{prefix}/worst"] = float(cos.min())
+                metrics[f"{prefix}/worst"] = float(cos[active].min()) if active.any() else float("nan")
             metrics["cos_measured_by_bench"] = True
         return metrics
 

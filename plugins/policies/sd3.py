@@ -351,6 +351,27 @@ class SD3Policy:
             for p in self._trainable:  # peft's disable/enable toggles requires_grad: restore it
                 p.requires_grad_(True)
 
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """float32 forward passes for the block: autocast off, and frozen base weights kept in a
+        half-precision dtype on a GPU upcast meanwhile (the reference of `marble bench fidelity
+        --fp32-reference`; costs the float32 copy of the transformer). Restored afterwards
+        bit for bit: half-precision values are exact in float32."""
+        previous = self.autocast_dtype
+        half = (torch.float16, torch.bfloat16)
+        tensors = [*self.transformer.named_parameters(), *self.transformer.named_buffers()]
+        base = {name: t.dtype for name, t in tensors if t.dtype in half}
+        self.autocast_dtype = None
+        if base:
+            self.transformer.float()
+        try:
+            yield
+        finally:
+            self.autocast_dtype = previous
+            for name, tensor in [*self.transformer.named_parameters(), *self.transformer.named_buffers()]:
+                if name in base:
+                    tensor.data = tensor.data.to(base[name])
+
     @torch.no_grad()
     def update_old(self, decay: float) -> None:
         """θ_old ← decay·θ_old + (1 − decay)·θ."""
