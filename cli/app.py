@@ -18,6 +18,9 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """marble-kit: multi-reward RL fine-tuning of text-to-image diffusion models."""
+    from marble_cli.common import show_warnings_in_one_line
+
+    show_warnings_in_one_line()
 
 
 # One module per command (or command group); each exposes `register(app)`.

@@ -35,6 +35,17 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def show_warnings_in_one_line() -> None:
+    """Warnings (a degenerate Gram, a reward that judges nothing, ...) as one line on stderr,
+    ``warning: <message>``, instead of Python's file:line + source-line format."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
 def print_json(data: Any) -> None:
     """Plain JSON on stdout (no rich markup), for scripts."""
     typer.echo(json.dumps(data, indent=2, default=str))
