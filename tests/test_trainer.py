@@ -309,10 +309,13 @@ def test_fused_backward_is_the_weighted_sum_of_masked_per_reward_gradients(micro
 
 
 @pytest.mark.slow
-def test_affine_equals_exact_when_some_rewards_judge_nothing():
+@pytest.mark.parametrize("checkpointing,micro_batch", [(False, 0), (True, 0), (True, 3)])
+def test_affine_equals_exact_when_some_rewards_judge_nothing(checkpointing, micro_batch):
     """One prompt set per step: the other specialist rewards are absent, their gradients are
-    exactly zero in both modes and the present ones agree to float32 round-off."""
-    trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact")
+    exactly zero in both modes and the present ones agree to float32 round-off — with the
+    policy's gradient checkpointing (its forward replayed inside the capture) and micro-batches."""
+    trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact",
+                       micro_batch=micro_batch, policy_options={"gradient_checkpointing": checkpointing})
     batch = _captured_batch(trainer)
     absent = batch.coef.sum(1) == 0
     assert absent.any() and (~absent).any()

@@ -306,10 +306,12 @@ class SD3Policy:
     # ------------------------------------------------------------ the three velocity fields
     def _transformer_velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: SD3Cond):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
+        if self.autocast_dtype is None:  # no autocast (e.g. full_precision): conditioning in fp32 too
+            embeds, pooled = embeds.float(), pooled.float()
         with self._autocast():
             out = self.transformer(hidden_states=x_t, timestep=t * 1000,  # SD3 takes t·1000
-                                   encoder_hidden_states=cond.prompt_embeds,
-                                   pooled_projections=cond.pooled_prompt_embeds,
+                                   encoder_hidden_states=embeds, pooled_projections=pooled,
                                    return_dict=False)[0]
         return out.float()
 
