@@ -319,10 +319,10 @@ def _batched_pinv_solve(matrices: np.ndarray, rhs: np.ndarray, rcond: float = 1e
     return np.einsum("bij,bj->bi", vectors, coefficients)
 
 
-def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: int = 50
-                 ) -> tuple[np.ndarray, int]:
-    """Exact min ½vᵀHv s.t. lower[b] ≤ v ≤ upper[b], for every row b of ``lower`` / ``upper``
-    (B problems sharing one small PSD H) → (V [B, n], iterations).
+def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: int = 50,
+                 q: np.ndarray | None = None, fallback: bool = True) -> tuple[np.ndarray, int, np.ndarray]:
+    """Exact min ½vᵀHv + q_bᵀv s.t. lower[b] ≤ v ≤ upper[b], for every row b of ``lower`` /
+    ``upper`` (B problems sharing one small PSD H) → (V [B, n], iterations, converged [B]).
 
     Block principal pivoting (Júdice & Pires), all problems at once: from the lower bounds,
     solve the equality-constrained problem of every problem's free set in one batched
@@ -330,10 +330,11 @@ def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: 
     wrong sign; when the count of violations stops falling, exchange only the last one
     (Murty's rule, which terminates). A converged problem satisfies its KKT conditions to
     round-off. A problem that does not converge in ``max_iter`` rounds is finished by
-    :func:`active_set_qp` (a primal method that always does). No warm start: the answer is a
-    function of H and the bounds alone.
+    :func:`active_set_qp` (a primal method that always does) unless ``fallback`` is False.
+    No warm start: the answer is a function of H, q and the bounds alone.
     """
     batch, n = lower.shape
+    q = np.zeros((batch, n)) if q is None else q
     status = np.full((batch, n), -1, dtype=np.int8)  # -1: at lower, +1: at upper, 0: free
     finite_upper = np.where(np.isfinite(upper), upper, 0.0)
     x_tol = 1e-12 * np.maximum(np.abs(lower), np.abs(finite_upper))
@@ -348,15 +349,15 @@ def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: 
         fixed_values = np.where(status == 1, upper, lower)
         fixed_values = np.where(free, 0.0, fixed_values)
         if free.any():
-            rhs = np.where(free, -(fixed_values @ H), fixed_values)
+            rhs = np.where(free, -(fixed_values @ H) - q, fixed_values)
             both = free[:, :, None] & free[:, None, :]
             matrices = np.where(both, H[None], 0.0) + (~free[:, :, None] & eye[None])
             x = _batched_pinv_solve(matrices, rhs)
             x = np.where(free, x, fixed_values)
         else:
             x = fixed_values
-        gradient = x @ H
-        g_tol = 1e-12 * (np.abs(x) @ np.abs(H)) + 1e-300
+        gradient = x @ H + q
+        g_tol = 1e-12 * (np.abs(x) @ np.abs(H) + np.abs(q)) + 1e-300
         low_violation = free & (x < lower - x_tol)
         up_violation = free & (x > upper + x_tol)
         dual_low = (status == -1) & (gradient < -g_tol)
@@ -378,11 +379,12 @@ def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: 
         status = np.where(change & up_violation, 1, status)
         status = np.where(change & (dual_low | dual_up), 0, status).astype(np.int8)
     x = np.clip(x, lower, upper)
-    for b in np.flatnonzero(~done):
-        exact = active_set_qp(H, None, lower[b], upper[b])
+    converged = done.copy()
+    for b in np.flatnonzero(~done) if fallback else ():
+        exact = active_set_qp(H, q[b], lower[b], upper[b])
         if exact is not None:
-            x[b] = exact
-    return x, iterations
+            x[b], converged[b] = exact, True
+    return x, iterations, converged
 
 
 # ------------------------------------------------------------------- degenerate handling
@@ -407,7 +409,7 @@ def as_active_mask(active: Tensor | np.ndarray | None, num_rewards: int, where: 
     return mask.astype(bool)
 
 
-def sanitize_gram(gram: np.ndarray, active: np.ndarray | None = None) -> CleanGram:
+def sanitize_gram(gram: np.ndarray, active: np.ndarray | None = None, unit: bool = True) -> CleanGram:
     """Split the rewards into what the problem can use, never raising.
 
     Inactive rewards (``active`` False) and rows/columns with non-finite entries are out of the
@@ -429,7 +431,7 @@ def sanitize_gram(gram: np.ndarray, active: np.ndarray | None = None) -> CleanGr
     flags["no_active"] = not active.any()
     flags["all_zero"] = bool(active.any() and not nonzero.any())
     norms = np.where(nonzero, np.sqrt(np.where(nonzero, diag, 0.0)), 0.0)
-    if not nonzero.any():
+    if not nonzero.any() or not unit:  # unit=False: the caller needs only the masks and norms
         return CleanGram(np.zeros((0, 0)), included, nonzero, norms, flags)
     sub = gram[np.ix_(nonzero, nonzero)]
     sub = 0.5 * (sub + sub.T)
@@ -572,6 +574,15 @@ class MinNormQP:
     def _solve_scaled(self, unit: np.ndarray, c: np.ndarray, lower: np.ndarray
                       ) -> tuple[np.ndarray, int, bool]:
         """min μᵀHμ s.t. cᵀμ = 1, μ ≥ lower → (μ, OSQP iterations, fell back?)."""
+        if not lower.any() and unit.shape[0] == 2:  # the segment's closest point, in closed form
+            a, b, r = unit[0, 0] / c[0] ** 2, unit[1, 1] / c[1] ** 2, unit[0, 1] / (c[0] * c[1])
+            spread = a + b - 2.0 * r  # ‖g_1 − g_2‖² in λ units
+            t = 0.5 if not spread > 0 else min(max((b - r) / spread, 0.0), 1.0)
+            return np.array([t / c[0], (1.0 - t) / c[1]]), 0, False
+        if not lower.any():
+            fast = _min_norm_by_bounds(unit, c)
+            if fast is not None:
+                return fast, 0, False
         n = unit.shape[0]
         A = np.vstack([c[None, :], np.eye(n)])
         lo = np.concatenate([[1.0], lower])
@@ -589,6 +600,27 @@ class MinNormQP:
                 return refined, result.iterations, False
         best = np.maximum(candidates[0], lower)
         return best / (c @ best), result.iterations, not result.solved
+
+
+def _min_norm_by_bounds(unit: np.ndarray, c: np.ndarray) -> np.ndarray | None:
+    """min μᵀHμ s.t. cᵀμ = 1, μ ≥ 0 through the bound-constrained QP x* = argmin_{x ≥ 0}
+    ½xᵀHx − cᵀx: its KKT conditions (Hx)_k ≥ c_k, with equality where x_k > 0, are the simplex
+    problem's for μ = x*/cᵀx* (multiplier 1/cᵀx* = μᵀHμ). Solved exactly by
+    :func:`box_qp_batch`; None when the min-norm point is (nearly) 0, where that QP is unbounded,
+    or when the answer does not verify — the caller then uses OSQP and the active-set refinement.
+    """
+    n = unit.shape[0]
+    x, _, converged = box_qp_batch(unit, np.zeros((1, n)), np.full((1, n), np.inf), q=-c[None, :],
+                                   fallback=False)
+    x = x[0]
+    total = float(c @ x)
+    if not converged[0] or not np.isfinite(total) or total <= 0 or total > 1e12:
+        return None
+    gradient = unit @ x - c
+    tolerance = 1e-9 * (np.abs(unit) @ x + c)
+    if np.any(gradient < -tolerance) or np.any(np.abs(gradient[x > 0]) > tolerance[x > 0]):
+        return None
+    return x / total
 
 
 def _clean_simplex(lam: np.ndarray, min_weight: float, members: np.ndarray) -> np.ndarray:

@@ -131,7 +131,7 @@ class CAGrad:
         self.metrics: dict[str, float] = {}
 
     def solve(self, gram: np.ndarray, active: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        clean = sanitize_gram(gram, active)
+        clean = sanitize_gram(gram, active, unit=False)
         members = clean.included
         weights = np.zeros(self.num_rewards)
         rounds = 0

@@ -84,7 +84,7 @@ class PCGrad:
 
     def solve(self, gram: np.ndarray, step: int, active: np.ndarray | None = None
               ) -> tuple[np.ndarray, dict[str, float]]:
-        clean = sanitize_gram(gram, active)
+        clean = sanitize_gram(gram, active, unit=False)
         members = clean.included
         weights = np.zeros(self.num_rewards)
         if members.any():

@@ -58,7 +58,7 @@ def upgrad_projections(unit: np.ndarray, scale: np.ndarray, count: int, max_weig
     n = unit.shape[0]
     lower = np.diag(scale) / count
     upper = np.broadcast_to(scale * (max_weight / count), (n, n)).copy()
-    mu, iterations = box_qp_batch(unit, lower, upper)
+    mu, iterations, _ = box_qp_batch(unit, lower, upper)
     capped = np.isfinite(upper) & (mu >= upper * (1 - 1e-12)) & (upper > lower)
     return mu, capped, iterations
 
