@@ -61,23 +61,31 @@ def optimizer(
     steps: int = typer.Option(150, "--steps", help="AdamW steps per seed."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds."),
     beta1: float = typer.Option(0.9, "--beta1", help="Adam's β1 (0 removes momentum)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's decoupled weight decay."),
+    anchor: float = typer.Option(0.0, "--anchor", help="Weight of an unbalanced pull ½·a·‖θ‖² (like the KL anchor)."),
+    max_norm: float = typer.Option(0.0, "--grad-clip", help="Gradient clipping norm (0 = off)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
-    """How often the actual AdamW step conflicts with a reward, per Gram metric (toy problem)."""
+    """How often the actual AdamW step conflicts with a reward, per Gram metric, and the worst
+    margin of the adam-momentum guarantee (toy problem)."""
     from marble_kit.bench.balancers import optimizer_conflict_benchmark
 
-    if steps < 1 or seeds < 1 or not 0.0 <= beta1 < 1.0:
-        raise MarbleError("--steps and --seeds must be ≥ 1 and --beta1 in [0, 1)")
-    rows = optimizer_conflict_benchmark(steps=steps, seeds=tuple(range(seeds)), betas=(beta1, 0.999))
+    if steps < 1 or seeds < 1 or not 0.0 <= beta1 < 1.0 or weight_decay < 0 or anchor < 0 or max_norm < 0:
+        raise MarbleError("--steps and --seeds must be ≥ 1, --beta1 in [0, 1), --weight-decay, --anchor "
+                          "and --grad-clip ≥ 0")
+    rows = optimizer_conflict_benchmark(steps=steps, seeds=tuple(range(seeds)), betas=(beta1, 0.999),
+                                        weight_decay=weight_decay, anchor=anchor, max_norm=max_norm)
     if json_output:
         print_json(rows)
         return
     table = Table(title=f"MGDA + AdamW (β1 = {beta1}): steps with a conflicting reward")
-    for column in ("Gram metric", "vs fused gradient", "vs actual update", "mean worst cos (update)"):
+    for column in ("Gram metric", "vs fused gradient", "vs actual update", "mean worst cos (update)",
+                   "worst margin steps 0–1", "2–10", ">10"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(row["metric"], f"{row['conflict_rate_fused']:.1%}",
-                      f"{row['conflict_rate_update']:.1%}", f"{row['mean_worst_cos_update']:.3f}")
+                      f"{row['conflict_rate_update']:.1%}", f"{row['mean_worst_cos_update']:.3f}",
+                      *(f"{row[f'worst_margin_steps_{b}']:+.1e}" for b in ("0-1", "2-10", ">10")))
     console.print(table)
 
 

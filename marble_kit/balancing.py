@@ -266,7 +266,8 @@ def active_set_qp(P: np.ndarray, q: np.ndarray | None, lower: np.ndarray, upper:
     bound_tol = tol * np.maximum(1.0, np.abs(lower))
     status = np.zeros(n, dtype=np.int8)  # -1: at lower, +1: at upper, 0: free
     status[x <= lower + bound_tol] = -1
-    status[np.isfinite(upper) & (x >= upper - tol * np.maximum(1.0, np.abs(np.where(np.isfinite(upper), upper, 0))))] = 1
+    finite_upper = np.where(np.isfinite(upper), upper, 0.0)
+    status[np.isfinite(upper) & (x >= upper - tol * np.maximum(1.0, np.abs(finite_upper)))] = 1
     if c is not None and not (status == 0).any():
         status[int(np.argmax(x - lower))] = 0
     scale = max(1.0, float(np.abs(P).max()) * max(1.0, float(np.abs(x).max())), float(np.abs(q).max()))

@@ -194,7 +194,8 @@ def _toy_problem(num_rewards: int, dim: int, seed: int):
 def optimizer_conflict_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam", "adam-momentum"),
                                  num_rewards: int = 3, dim: int = 40, steps: int = 150,
                                  lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
-                                 batch: int = 16, seeds: tuple[int, ...] = (0, 1, 2)
+                                 batch: int = 16, seeds: tuple[int, ...] = (0, 1, 2),
+                                 weight_decay: float = 0.0, anchor: float = 0.0, max_norm: float = 0.0
                                  ) -> list[dict[str, Any]]:
     """How often the actual AdamW step conflicts with a reward (notes/conflict-experiment.md).
 
@@ -203,10 +204,19 @@ def optimizer_conflict_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam"
     and takes a real ``torch.optim.AdamW`` step. Reported: the fraction of steps whose worst
     reward cosine is negative against the fused gradient d and against the actual update −Δθ,
     and the mean worst cosine against the update.
+
+    The margin of the momentum guarantee: min_k (⟨g_k, u⟩ − ⟨d, u⟩)/(‖g_k‖·‖u‖) for Adam's
+    actual direction u = −Δθ (the guarantee says ≥ 0 with Adam's preconditioner frozen),
+    worst over steps 0–1, 2–10 and after 10. ``weight_decay`` (AdamW's), ``anchor`` (an
+    unbalanced pull ½·anchor·‖θ‖² added to the fused gradient) and ``max_norm`` (gradient
+    clipping, 0 = off) exercise the terms the adam-momentum Gram now includes; for that metric
+    the clip factor is solved with λ (:func:`marble_kit.gram.consistent_clip_scale`).
     """
     import torch
 
     from marble_kit.gram import (
+        adam_momentum_parts,
+        consistent_clip_scale,
         cosine_diagnostics,
         gram_matrix,
         metric_gram,
@@ -218,25 +228,42 @@ def optimizer_conflict_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam"
     for metric in metrics:
         fused_conflicts = update_conflicts = 0
         worst_update = []
+        margins = {"0-1": [], "2-10": [], ">10": []}
         for seed in seeds:
             generator, matrices, targets = _toy_problem(num_rewards, dim, seed)
-            theta = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-            optimizer = torch.optim.AdamW([theta], lr=lr, betas=betas, weight_decay=0.0)
+            theta = torch.nn.Parameter(0.1 * torch.ones(dim, dtype=torch.float64))
+            optimizer = torch.optim.AdamW([theta], lr=lr, betas=betas, weight_decay=weight_decay)
             solver = MinNormQP()
-            for _ in range(steps):
+
+            def solve(gram, solver=solver):
+                return torch.as_tensor(solver.solve(gram.numpy()).lam)
+
+            for step in range(steps):
                 grads = []
                 for matrix, target in zip(matrices, targets):
                     rows_drawn = torch.randint(0, matrix.shape[0], (batch,), generator=generator)
                     residual = matrix[rows_drawn] @ theta.detach() - target[rows_drawn]
                     grads.append(matrix[rows_drawn].T @ residual / batch)
                 grads = torch.stack(grads)
-                gram = metric_gram(grads, optimizer, [theta], metric=metric)
-                lam = torch.as_tensor(solver.solve(gram.numpy()).lam)
+                pull = anchor * theta.detach()
+                if metric == "adam-momentum":
+                    parts = adam_momentum_parts(grads, optimizer, [theta], anchor=pull)
+                    scale = consistent_clip_scale(parts, max_norm, solve) if max_norm > 0 else 1.0
+                    gram = parts.gram(scale)
+                else:
+                    gram = metric_gram(grads, optimizer, [theta], metric=metric)
+                lam = solve(gram)
                 fused_cos = cosine_diagnostics(gram_matrix(grads), lam)["worst"]
                 before = theta.detach().clone()
-                write_flat_grad([theta], lam @ grads)
+                fused = lam @ grads
+                write_flat_grad([theta], fused + pull)
+                if max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([theta], max_norm)
                 optimizer.step()
-                worst = float(update_cosines(grads, before - theta.detach()).min())
+                update = before - theta.detach()
+                worst = float(update_cosines(grads, update).min())
+                margin = ((grads @ update - fused @ update) / (grads.norm(dim=1) * update.norm())).min()
+                margins["0-1" if step < 2 else "2-10" if step <= 10 else ">10"].append(float(margin))
                 fused_conflicts += fused_cos < -1e-9
                 update_conflicts += worst < -1e-9
                 worst_update.append(worst)
@@ -247,5 +274,7 @@ def optimizer_conflict_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam"
             "conflict_rate_update": update_conflicts / total,
             "mean_worst_cos_update": float(np.mean(worst_update)),
             "steps": total,
+            **{f"worst_margin_steps_{bucket}": (min(values) if values else None)
+               for bucket, values in margins.items()},
         })
     return rows
