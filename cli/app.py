@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "marble_cli.eval_cmd",
     "marble_cli.bench_cmd",
     "marble_cli.plot_cmd",
+    "marble_cli.compare_cmd",
     "marble_cli.plugins_cmd",
     "marble_cli.score_cmd",
 )

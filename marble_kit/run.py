@@ -31,6 +31,7 @@ from marble_kit.distributed import Distributed, tensors_digest
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
 from marble_kit.prompts import _split_tags
+from marble_kit.tracking import Tracker, check_trackers, open_tracker
 from marble_kit.trainer import Trainer, build_components
 
 CONFIG_FILE = "config.toml"
@@ -40,7 +41,7 @@ SAMPLE_SEED_OFFSET = 424242  # sample grids use their own noise, never the train
 SAMPLE_COUNT = 8
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUMABLE_KEYS = {"steps", "out", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "threads", "optimizer_sharding"}
+                  "threads", "optimizer_sharding", "report_to"}
 
 
 @dataclass
@@ -281,6 +282,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         torch.set_num_threads(config.threads)
     run_dir = Path(config.out)
     check_run_dir(config, resume)
+    dist.run_on_main(lambda: check_trackers(config.report_to))
     meta, state = _resume_point(config) if resume else (None, None)
     components = build_components(config)
     trainer = Trainer(config, components, dist=dist)
@@ -319,10 +321,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     history: list[dict[str, Any]] = []
     interrupted = False
     bar = TrainProgress(config, enabled=progress and dist.is_main, console=console, start=start_step)
+    tracker = open_tracker(config, start_step) if dist.is_main else Tracker()  # report_to: rank 0 only
     with _sigint_as_flag() as sigint:
-        with bar:
+        with bar, tracker:
             if dist.is_main and config.sample_every and start_step == 0:
-                save_samples(trainer, run_dir, 0)
+                tracker.log_image("samples", save_samples(trainer, run_dir, 0), 0)
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 metrics = trainer.step()
@@ -331,8 +334,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                 if dist.is_main:
                     if step % config.log_every == 0 or step == config.steps:
                         append_metrics(metrics_path, metrics)
+                        tracker.log_metrics(metrics)
                     if config.sample_every and step % config.sample_every == 0:
-                        save_samples(trainer, run_dir, step)
+                        tracker.log_image("samples", save_samples(trainer, run_dir, step), step)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     checkpoint()
                 bar.update(metrics)

@@ -145,7 +145,7 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
 
 def test_resume_with_changed_options(run_copy, tmp_path):
     assert_refused(tmp_path, "train", "--resume", run_copy, "--steps", 4, "--rewards", "color",
-                   match="only --steps may be given (got rewards)")
+                   match="only --steps and --report-to may be given (got rewards)")
 
 
 def test_resume_of_a_finished_run(run_copy, tmp_path):
