@@ -411,3 +411,17 @@ def test_builtins_are_registered_through_entry_points():
 
     names = get_registry(refresh=True).names("balancer")
     assert {"weighted-sum", "mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"} <= set(names)
+
+
+@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_asymmetric_gram_is_read_as_its_symmetric_part(name, seed):
+    """A Gram from two float reductions can be slightly asymmetric; G + S (S skew) has the same
+    quadratic form as G, so every balancer must answer as for G (it symmetrizes)."""
+    gram = random_gram(seed, 3, 3, 0.5)
+    rng = np.random.default_rng(seed + 10)
+    skew = rng.normal(size=(3, 3)) * 0.2 * np.abs(gram).max()
+    skew = skew - skew.T
+    expected = make(name, 3).weights(torch.tensor(gram), 0)
+    actual = make(name, 3).weights(torch.tensor(gram + skew), 0)
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
