@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from marble_cli.common import console, err_console, print_json, split_names, user_errors
+from marble_cli.common import console, err_console, names_option, print_json, user_errors
 from marble_kit.errors import MarbleError
 
 bench_app = typer.Typer(help="Benchmarks: training-step speed, reward conflicts, Gram fidelity, "
@@ -199,7 +199,7 @@ def conflict(
     )
 
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
-                                methods=split_names(methods) or list(METHOD_NAMES))
+                                methods=names_option(methods, "--methods") or list(METHOD_NAMES))
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(

@@ -42,3 +42,15 @@ def print_json(data: Any) -> None:
 
 def split_names(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def names_option(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated list option: None when not given; given but naming nothing
+    (``--rewards ""``, ``--rewards ,``) is an error rather than a silent fall-back to defaults."""
+    if text is None:
+        return None
+    names = split_names(text)
+    if not names:
+        raise MarbleError(f"{flag} {text!r} names nothing; pass {flag} NAME[,NAME...] "
+                          "(`marble plugins` lists the installed ones) or leave the flag out")
+    return names

@@ -285,16 +285,22 @@ class SD3Policy:
     # ------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> SD3Cond:
-        """Conditioning for ``prompts`` (each distinct prompt encoded once, then cached)."""
+        """Conditioning for ``prompts`` (each distinct prompt encoded once, then cached).
+
+        Each prompt is encoded on its own: a text encoder's output for one row depends (by
+        ~1e-7) on how many rows share the batch, so encoding prompts together would make an
+        embedding depend on which other prompts were new at that moment — on the run's history
+        (sample grids, what a resumed process has cached) — and a resume would not be bit-exact.
+        """
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if todo:
             with offloaded(self._text_encoders(), self.device, self.offload_text_encoders), \
                     self._autocast():
-                embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                    list(todo), None, None, device=self.device, do_classifier_free_guidance=False,
-                    max_sequence_length=self.max_sequence_length)
-            for i, prompt in enumerate(todo):
-                self._prompt_cache[prompt] = SD3Cond(embeds[i:i + 1], pooled[i:i + 1])
+                for prompt in todo:
+                    embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                        [prompt], None, None, device=self.device, do_classifier_free_guidance=False,
+                        max_sequence_length=self.max_sequence_length)
+                    self._prompt_cache[prompt] = SD3Cond(embeds, pooled)
         conds = []
         for prompt in prompts:
             self._prompt_cache.move_to_end(prompt)
