@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,6 +224,31 @@ def test_progress_summary_shows_rewards_lambda_and_worst_cosine():
     assert text == "color 0.250 (λ 0.70) · word – (λ 0.30) · worst cos -0.12"
 
 
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_progress_line_keeps_step_count_and_eta_on_a_narrow_terminal(width):
+    import io
+
+    from rich.console import Console
+
+    from marble_kit.progress import TrainProgress
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    config = TrainConfig(steps=150)
+    metrics = {"step": 12, "cos/worst": 0.1}
+    for name in REWARDS:
+        metrics.update({f"reward/{name}": 0.25, f"lambda/{name}": 0.25})
+    with TrainProgress(config, console=console) as bar:
+        bar.update(metrics)
+    lines = out.getvalue().replace("\r", "\n").splitlines()
+    assert lines[0].startswith("marble train → runs/marble  policy=tiny-sd3")  # the header comes first
+    line = [text for text in lines if "12/150" in text][-1].replace("\x1b[2K", "")
+    assert len(line) <= width
+    assert line.startswith("train ") and "12/150" in line
+    assert re.search(r"12/150 \d:\d\d:\d\d (-:--:--|\d:\d\d:\d\d) color 0\.250", line), line  # elapsed, ETA
+    assert line.rstrip().endswith("…") or "worst cos" in line  # only the summary is cut
+
+
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
     run = tmp_path / "interrupted"
@@ -237,6 +263,10 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no metrics line within 120 s"
             time.sleep(0.05)
+        # A second writer (same command, or a resume) is refused while the run trains.
+        second = marble("train", "--out", run, "--steps", "500", *TINY, "--set", "checkpoint_every=1000",
+                        "--set", "sample_every=0")
+        assert second.exit_code == 2 and f"in use by another marble process (pid {process.pid})" in second.stderr
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
     finally:
