@@ -35,6 +35,9 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    from marble_cli.common import show_warnings_in_one_line
+
+    show_warnings_in_one_line()
     app()
 
 

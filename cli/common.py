@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,16 @@ from marble_kit.errors import MarbleError
 PIPE_WIDTH = None if os.environ.get("COLUMNS") else 120
 console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
+
+
+def show_warnings_in_one_line() -> None:
+    """Python warnings as ``warning: <message>`` on stderr (no file:line and source line: the
+    message of a marble warning says what happened and what to do)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -154,6 +155,23 @@ def quiet_loading() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
+@contextmanager
+def quiet_text_encoding() -> Iterator[None]:
+    """diffusers' and transformers' per-call truncation warnings off while prompts are encoded
+    (:meth:`SD3Policy._note_truncation` says it once instead)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = [(lib, lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in levels:
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in levels:
+            lib.set_verbosity(level)
+
+
 def resolve_sd35_path(path: str | None) -> Path:
     """`path` option, else ``$MARBLE_SD35_PATH``, else the local HF cache (no download)."""
     missing_hint = (
@@ -232,6 +250,7 @@ class SD3Policy:
         self.lora_config = self._lora_config(rank, alpha, target_modules)
         self._prompt_cache: OrderedDict[str, SD3Cond] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
+        self._truncation_noted = False
         self._place_modules()
         self._add_lora(seed)
         if gradient_checkpointing:
@@ -295,8 +314,9 @@ class SD3Policy:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if todo:
             with offloaded(self._text_encoders(), self.device, self.offload_text_encoders), \
-                    self._autocast():
+                    self._autocast(), quiet_text_encoding():
                 for prompt in todo:
+                    self._note_truncation(prompt)
                     embeds, _, pooled, _ = self.pipeline.encode_prompt(
                         [prompt], None, None, device=self.device, do_classifier_free_guidance=False,
                         max_sequence_length=self.max_sequence_length)
@@ -308,6 +328,19 @@ class SD3Policy:
         while len(self._prompt_cache) > self._prompt_cache_size:
             self._prompt_cache.popitem(last=False)
         return SD3Cond.cat(conds)
+
+    def _note_truncation(self, prompt: str) -> None:
+        """One warning, the first time a prompt is longer than the CLIP encoders read (diffusers
+        and transformers would print two per batch of prompts, every time)."""
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if self._truncation_noted or tokenizer is None:
+            return
+        limit = tokenizer.model_max_length
+        if len(tokenizer(prompt, truncation=False)["input_ids"]) > limit:
+            self._truncation_noted = True
+            warnings.warn(f"policy {self.name!r}: its CLIP text encoders read {limit} tokens of a prompt; "
+                          f"longer prompts are cut (the first: {prompt[:50]!r}…); this note is shown once",
+                          UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------ the three velocity fields
     def _transformer_velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: SD3Cond):
