@@ -123,6 +123,52 @@ def load_sd3_pipeline(directory: str | Path, *, use_t5: bool = True,
         raise MarbleError(f"could not load the SD3 pipeline from {directory}: {exc}") from exc
 
 
+def absent_t5_components(width: int):
+    """(text_encoder_3, tokenizer_3) standing for "no T5": a T5 encoder without layers whose
+    embeddings and final norm are zero, so it returns exactly the zeros [B, L, width] that
+    StableDiffusion3Pipeline uses when ``text_encoder_3`` is None, and a tokenizer that reads
+    nothing (every prompt → no tokens, padded with ``<pad>``; so diffusers never reports a
+    prompt as truncated, whatever ``max_sequence_length`` is).
+
+    diffusers' ``from_pretrained`` refuses a pipeline directory whose model_index.json has
+    ``text_encoder_3: [null, null]`` (only image_encoder / feature_extractor may be absent), so a
+    model trained without T5 (tiny-sd3) ships these to load with a plain ``from_pretrained``.
+    marble-kit's own loader does not load them (``use_t5=False``).
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # every character removed
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        model_max_length=512)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=width,
+                                      num_layers=0, num_heads=1, pad_token_id=0, eos_token_id=1,
+                                      decoder_start_token_id=0))
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.zero_()
+    return encoder.eval(), tokenizer
+
+
+def write_absent_t5(directory: str | Path) -> None:
+    """Add :func:`absent_t5_components` to a saved pipeline without T5 (model_index.json too)."""
+    directory = Path(directory)
+    index_file = directory / "model_index.json"
+    index = json.loads(index_file.read_text())
+    width = json.loads((directory / "transformer" / "config.json").read_text())["joint_attention_dim"]
+    encoder, tokenizer = absent_t5_components(width)
+    encoder.save_pretrained(directory / "text_encoder_3", safe_serialization=True)
+    tokenizer.save_pretrained(directory / "tokenizer_3")
+    tokenizer_config = directory / "tokenizer_3" / "tokenizer_config.json"  # the class name all
+    settings = json.loads(tokenizer_config.read_text())                   # transformers versions know
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                 tokenizer_3=["transformers", "PreTrainedTokenizerFast"])
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def sd3_pipeline_class():
     """diffusers' StableDiffusion3Pipeline, imported without transformers' notes that its
     IP-adapter image processors fall back to PIL without torchvision (marble-kit never uses
