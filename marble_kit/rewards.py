@@ -110,11 +110,13 @@ def as_reward(built: Any, name: str, provider: str = "") -> Reward:
 
 
 def quoted_text(prompt: str) -> str | None:
-    """The text inside the prompt's first pair of double quotes (None when there is none)."""
+    """The text inside the prompt's first pair of double quotes (None when there is no ``"``).
+
+    An unclosed quote quotes the rest of the prompt, as Flow-GRPO's ``prompt.split('"')[1]``
+    does. Only the straight ``"`` counts (curly quotes do not, in the reference either).
+    """
     start = prompt.find('"')
     if start < 0:
         return None
     end = prompt.find('"', start + 1)
-    if end < 0:
-        return None
-    return prompt[start + 1:end]
+    return prompt[start + 1:] if end < 0 else prompt[start + 1:end]

@@ -227,6 +227,23 @@ def _sigint_as_flag() -> Iterator[dict[str, bool]]:
             pass
 
 
+# ------------------------------------------------------------------ reward counters
+
+def reward_metrics(trainer: Trainer) -> dict[str, float]:
+    """Counters a reward keeps about its last call (a ``metrics`` dict, e.g. the OCR reward's
+    ``failures``), summed over ranks, as ``reward_<key>/<reward name>``."""
+    keys, values = [], []
+    for name, reward in zip(trainer.reward_names, trainer.rewards):
+        counters = getattr(reward, "metrics", None)
+        for key, value in (counters.items() if isinstance(counters, dict) else ()):
+            keys.append(f"reward_{key}/{name}")
+            values.append(float(value))
+    if not keys:
+        return {}
+    total = trainer.dist.all_reduce_mean(torch.tensor(values, dtype=torch.float64)) * trainer.dist.world_size
+    return dict(zip(keys, total.tolist()))
+
+
 # ------------------------------------------------------------------ sample grids
 
 def sample_prompts(prompt_sets, count: int = SAMPLE_COUNT) -> list[str]:
@@ -437,6 +454,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 metrics = trainer.step()
+                metrics.update(reward_metrics(trainer))
                 history.append(metrics)
                 step = trainer.step_count
                 if dist.is_main:
