@@ -13,6 +13,7 @@ so a failed start never changes what is already on disk.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -282,8 +283,8 @@ class RunDirectoryLock:
     :meth:`release` removes the lock file, and the directory when the lock created it.
     """
 
-    def __init__(self, run_dir: Path, fd: int, created_dir: bool):
-        self.run_dir, self.fd, self.created_dir = run_dir, fd, created_dir
+    def __init__(self, run_dir: Path, fd: int, created: list[Path]):
+        self.run_dir, self.fd, self.created = run_dir, fd, created  # created: directories, deepest first
 
     @property
     def path(self) -> Path:
@@ -294,7 +295,7 @@ class RunDirectoryLock:
         run_dir = Path(run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise MarbleError(f"--out {run_dir} is a file; choose a directory")
-        created_dir = not run_dir.exists()
+        created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -305,8 +306,11 @@ class RunDirectoryLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
                 os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise MarbleError(f"cannot lock the run directory {run_dir} ({exc.strerror}); its "
+                                      "filesystem does not support flock: choose an --out on a local disk") from None
                 raise MarbleError(f"{run_dir} is in use by another marble process ({_lock_holder(path)}); "
                                   "wait for it to finish, or stop it, or choose another --out") from None
             # The previous holder may have removed the file between our open and our lock:
@@ -320,15 +324,17 @@ class RunDirectoryLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        return cls(run_dir, fd, created_dir)
+        return cls(run_dir, fd, created)
 
     def release(self) -> None:
-        """Remove the lock file (and a directory the lock created, if nothing else was written
-        into it), then unlock: a file removed while locked cannot be locked by two processes."""
+        """Remove the lock file (and the directories the lock created, if nothing else was
+        written into them), then unlock: a file removed while locked cannot be locked twice."""
         try:
             self.path.unlink(missing_ok=True)
-            if self.created_dir and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()
+            for directory in self.created:
+                if any(directory.iterdir()):
+                    break
+                directory.rmdir()
         except OSError:
             pass  # the kernel still releases the lock below
         finally:

@@ -153,10 +153,10 @@ def test_rewards_naming_nothing(tmp_path, names):
 
 
 def test_a_failed_start_leaves_no_directory_and_the_fixed_command_runs(tmp_path):
-    out = tmp_path / "out"
+    out = tmp_path / "runs" / "new" / "out"
     assert_refused(tmp_path, "train", "--out", out, "--steps", 1, "--prompts", tmp_path / "typo.txt", *TINY,
                    match="typo.txt")
-    assert not out.exists()  # neither the directory nor its lock file stays behind
+    assert not (tmp_path / "runs").exists()  # no directory (nor parent, nor lock file) stays behind
     result = marble("train", "--out", out, "--steps", 1, *TINY)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("marble train → ")  # the header, once the checks passed
