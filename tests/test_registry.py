@@ -184,28 +184,37 @@ def register_rewards(register):
 '''
 
 
-@pytest.mark.slow
-def test_a_plain_callable_reward_from_an_entry_point_trains(tmp_path):
-    """An installed distribution (a dist-info on the path) whose factory returns a function:
-    `marble train` with it runs to the end (it used to die with AttributeError: no `to`)."""
+def test_a_plain_callable_reward_from_an_entry_point_trains(tmp_path, monkeypatch):
+    """An installed distribution (a dist-info on sys.path, found through importlib.metadata like
+    any pip-installed one) whose factory returns a function: `marble train` with it runs to the
+    end (it used to die with AttributeError: 'function' object has no attribute 'to')."""
     import json
-    import os
+
+    from typer.testing import CliRunner
+
+    from marble_cli.app import app
 
     site = tmp_path / "site"
-    (site / "plain_reward_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "plain_reward_plugin.py").write_text(PLAIN_PLUGIN)
     info = site / "plain_reward_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "plain_reward_plugin.py").write_text(PLAIN_PLUGIN)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plain-reward-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[marble]\nplain = plain_reward_plugin\n")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a white background\na blue square on a black background\n")
-    env = dict(os.environ, PYTHONPATH=str(site), MARBLE_LOAD_PLUGINS="plain-reward-plugin")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("MARBLE_LOAD_PLUGINS", "plain-reward-plugin")
     run = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "marble_cli.app", "train", "--rewards", "brightness-gap,sharpness",
-         "--prompts", str(prompts), "--out", str(run), "--steps", "1", "--set", "prompts_per_step=2",
-         "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1", "--set", "sample_steps=2",
-         "--set", "sample_every=0", "--no-progress"], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    try:
+        assert get_registry(refresh=True).get("reward", "brightness-gap").provider == "plain-reward-plugin"
+        result = CliRunner().invoke(app, [
+            "train", "--rewards", "brightness-gap,sharpness", "--prompts", str(prompts), "--out", str(run),
+            "--steps", "1", "--set", "prompts_per_step=2", "--set", "images_per_prompt=2",
+            "--set", "timesteps_per_image=1", "--set", "sample_steps=2", "--set", "sample_every=0",
+            "--set", "threads=1", "--no-progress"])
+    finally:
+        monkeypatch.undo()
+        get_registry(refresh=True)  # back to the built-ins for the other tests
+    assert result.exit_code == 0, result.output
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert -0.5 <= row["reward/brightness-gap"] <= 0.5 and row["reward_coverage/brightness-gap"] == 1.0

@@ -1,11 +1,11 @@
-"""Resume in a new process is bit-exact: `marble train` in subprocesses, as a user runs it.
+"""Resume in a new process is bit-exact: `marble train --resume` in fresh interpreters.
 
 The in-process tests (test_run_e2e.py) cannot see state that lives in a process rather than in a
-checkpoint — caches, torch's global RNG, what the sample grids touched. Here every run is a fresh
-interpreter: a 4-step run checkpointing every 2 steps; a copy of it with the step-4 checkpoint and
-the metrics after step 2 deleted (what a crash leaves), resumed to step 4; or a 2-step run resumed
-to 4. Metrics (all but wall-clock times), weights and optimizer state must match bit for bit.
-Every run is tiny (2 prompts × 2 images, 1 timestep, 3 sampler steps, 1 thread).
+checkpoint — caches, torch's global RNG, what the sample grids touched. Here the resumed runs
+and the short run are `marble train` subprocesses, as a user runs them; the uninterrupted
+reference run trains in this process meanwhile (CLI, same settings). Metrics (all but
+wall-clock times), weights, optimizer, balancer and RNG states must match bit for bit. Every
+run is tiny (2 prompts × 2 images, 1 timestep, 3 sampler steps, 1 thread).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint
 
 TINY = ["--set", "prompts_per_step=2", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
@@ -28,12 +30,20 @@ TINY = ["--set", "prompts_per_step=2", "--set", "images_per_prompt=2", "--set", 
 NOT_COMPARED = ("time/",)  # wall-clock times
 
 
-def marble_train(*runs: list[object]) -> None:
+def train_here(*args: object) -> None:
+    result = CliRunner().invoke(app, ["train", *map(str, args)])
+    assert result.exit_code == 0, result.output
+
+
+def start_marble_train(*runs: list[object]) -> list[subprocess.Popen]:
     """`marble train ARGS` for each ARGS, in parallel subprocesses (two cores: two at a time)."""
     env = dict(os.environ, MARBLE_LOAD_PLUGINS="")
-    processes = [subprocess.Popen([sys.executable, "-m", "marble_cli.app", "train", *map(str, args)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for args in runs]
+    return [subprocess.Popen([sys.executable, "-m", "marble_cli.app", "train", *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for args in runs]
+
+
+def wait_for(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
@@ -86,15 +96,16 @@ def test_resumed_processes_continue_bit_for_bit(tmp_path):
     settings = [*TINY, "--balancer", "mgda-qp", "--gram", "periodic", "--set", "gram_period=3",
                 "--set", "checkpoint_every=2", "--set", "sample_every=2"]
     full, short, crashed = tmp_path / "full", tmp_path / "short", tmp_path / "crashed"
-    marble_train(["--out", full, "--steps", 4, "--seed", 7, *settings],
-                 ["--out", short, "--steps", 2, "--seed", 7, *settings])
+    short_run = start_marble_train(["--out", short, "--steps", 2, "--seed", 7, *settings])
+    train_here("--out", full, "--steps", 4, "--seed", 7, *settings)  # meanwhile, the reference here
+    wait_for(short_run)
     rows = trajectory(full)
     assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine"]
     assert_same_step(full / "checkpoints" / "step-000002", short / "checkpoints" / "step-000002")
 
     crash_copy(full, crashed, 2)
-    marble_train(["--resume", short, "--steps", 4, "--no-progress"],
-                 ["--resume", crashed, "--steps", 4, "--no-progress"])
+    wait_for(start_marble_train(["--resume", short, "--steps", 4, "--no-progress"],
+                                ["--resume", crashed, "--steps", 4, "--no-progress"]))
     for resumed in (short, crashed):
         assert trajectory(resumed) == rows
         assert_same_step(full / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
