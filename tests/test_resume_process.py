@@ -82,19 +82,29 @@ def crash_copy(run: Path, copy: Path, step: int) -> None:
                                                 if json.loads(line)["step"] <= step))
 
 
+# Eight prompts: the sample grid shows all of them, training draws from them. The step-0 grid
+# encodes the eight in one batch before training starts, and a resumed process never draws
+# it — so the embeddings training uses came from different text-encoder batches.
+PROMPTS = ["a red circle on a white background", "a green square on a gray background",
+           'a sign that says "cat" on a white background', "a blue triangle on a black background",
+           "a yellow circle on a black background", 'a sign that says "sun" on a gray background',
+           "a purple square on a white background", "a orange triangle on a gray background"]
+
+
 @pytest.mark.slow
 def test_resumed_processes_continue_bit_for_bit(tmp_path):
     """Periodic Gram (mgda-qp solved with the `affine` Gram every 3 steps, the loss weights reused
-    between solves), sample grids every 2 steps (the step-0 grid encodes 8 prompts before
-    training starts; a resumed process never draws it). Two ways to resume:
+    between solves), sample grids every 2 steps. Two ways to resume:
 
     * `--steps 2`, then `--resume --steps 4`: the short run's end-of-run checkpoint holds what
       step 2 of the long run holds, and the extended run continues it exactly;
     * a copy of the long run with the step-4 checkpoint and metrics lines 3-4 deleted (what a
       crash or kill -9 leaves), resumed.
     """
-    settings = [*TINY, "--balancer", "mgda-qp", "--gram", "periodic", "--set", "gram_period=3",
-                "--set", "checkpoint_every=2", "--set", "sample_every=2"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    settings = [*TINY, "--prompts", prompts, "--balancer", "mgda-qp", "--gram", "periodic",
+                "--set", "gram_period=3", "--set", "checkpoint_every=2", "--set", "sample_every=2"]
     full, short, crashed = tmp_path / "full", tmp_path / "short", tmp_path / "crashed"
     short_run = start_marble_train(["--out", short, "--steps", 2, "--seed", 7, *settings])
     train_here("--out", full, "--steps", 4, "--seed", 7, *settings)  # meanwhile, the reference here
