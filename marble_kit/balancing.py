@@ -646,9 +646,15 @@ def ema_update(previous: np.ndarray | None, current: np.ndarray, rho: float) -> 
     return rho * previous + (1.0 - rho) * current
 
 
+# Flags that are ordinary situations, answered exactly: metrics only, no warning (two rewards
+# with parallel gradients make any Gram rank-deficient; a step without an active reward is
+# already named by the trainer's own warning).
+QUIET_FLAGS = ("rank_deficient", "no_active")
+
+
 def warn_degenerate(name: str, metrics: dict[str, float]) -> None:
     """One warning naming what was degenerate (Python shows each distinct message once)."""
-    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS)
+    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS if f not in QUIET_FLAGS)
               if metrics.get(key, 0.0)]
     if issues:
         warnings.warn(f"balancer {name!r}: degenerate Gram matrix ({', '.join(issues)}); "
