@@ -55,37 +55,63 @@ def balancers(
     console.print(table)
 
 
+def _maybe(value, spec: str) -> str:
+    return "–" if value is None else spec.format(value)
+
+
 @bench_app.command("optimizer")
 @user_errors
 def optimizer(
-    steps: int = typer.Option(150, "--steps", help="AdamW steps per seed."),
+    steps: int | None = typer.Option(None, "--steps", help="AdamW steps per seed (default 150; 30 with --policy)."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds."),
-    beta1: float = typer.Option(0.9, "--beta1", help="Adam's β1 (0 removes momentum)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's decoupled weight decay."),
-    anchor: float = typer.Option(0.0, "--anchor", help="Weight of an unbalanced pull ½·a·‖θ‖² (like the KL anchor)."),
-    max_norm: float = typer.Option(0.0, "--grad-clip", help="Gradient clipping norm (0 = off)."),
+    beta1: float = typer.Option(0.9, "--beta1", help="Adam's β1 (0 removes momentum; toy only)."),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", help="AdamW's decoupled weight decay (default 0 on the toy, the trainer's with --policy)."),
+    anchor: float | None = typer.Option(
+        None, "--anchor", help="Unbalanced pull: ½·a·‖θ‖² on the toy (default 0); with --policy the kl anchor's "
+        "weight (default: the trainer's)."),
+    max_norm: float | None = typer.Option(
+        None, "--grad-clip", help="Gradient clipping norm, 0 = off (default 0 on the toy, the trainer's with --policy)."),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Measure on real training steps of this policy (tiny-sd3) instead of the toy."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """How often the actual AdamW step conflicts with a reward, per Gram metric, and the worst
-    margin of the adam-momentum guarantee (toy problem)."""
+    margin of the adam-momentum guarantee (toy problem, or real steps with --policy)."""
     from marble_kit.bench.balancers import optimizer_conflict_benchmark
 
-    if steps < 1 or seeds < 1 or not 0.0 <= beta1 < 1.0 or weight_decay < 0 or anchor < 0 or max_norm < 0:
+    if ((steps is not None and steps < 1) or seeds < 1 or not 0.0 <= beta1 < 1.0
+            or any(v is not None and v < 0 for v in (weight_decay, anchor, max_norm))):
         raise MarbleError("--steps and --seeds must be ≥ 1, --beta1 in [0, 1), --weight-decay, --anchor "
                           "and --grad-clip ≥ 0")
-    rows = optimizer_conflict_benchmark(steps=steps, seeds=tuple(range(seeds)), betas=(beta1, 0.999),
-                                        weight_decay=weight_decay, anchor=anchor, max_norm=max_norm)
-    if json_output:
-        print_json(rows)
-        return
-    table = Table(title=f"MGDA + AdamW (β1 = {beta1}): steps with a conflicting reward")
+    if policy is not None:
+        from marble_kit.bench.optimizer import policy_optimizer_benchmark
+
+        if beta1 != 0.9:
+            raise MarbleError("--beta1 applies to the toy problem only; the trainer's AdamW uses β1 = 0.9")
+        report = policy_optimizer_benchmark(steps=steps or 30, seeds=tuple(range(seeds)), policy=policy,
+                                            weight_decay=weight_decay, grad_clip=max_norm, kl=anchor)
+        rows = report["rows"]
+        if json_output:
+            print_json(report)
+            return
+        title = f"MGDA + AdamW on {policy} (prior {report['prior']}): steps with a conflicting reward"
+    else:
+        rows = optimizer_conflict_benchmark(steps=steps or 150, seeds=tuple(range(seeds)), betas=(beta1, 0.999),
+                                            weight_decay=weight_decay or 0.0, anchor=anchor or 0.0,
+                                            max_norm=max_norm or 0.0)
+        if json_output:
+            print_json(rows)
+            return
+        title = f"MGDA + AdamW (β1 = {beta1}): steps with a conflicting reward"
+    table = Table(title=title)
     for column in ("Gram metric", "vs fused gradient", "vs actual update", "mean worst cos (update)",
                    "worst margin steps 0–1", "2–10", ">10"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["metric"], f"{row['conflict_rate_fused']:.1%}",
-                      f"{row['conflict_rate_update']:.1%}", f"{row['mean_worst_cos_update']:.3f}",
-                      *(f"{row[f'worst_margin_steps_{b}']:+.1e}" for b in ("0-1", "2-10", ">10")))
+        table.add_row(row["metric"], _maybe(row["conflict_rate_fused"], "{:.1%}"),
+                      _maybe(row["conflict_rate_update"], "{:.1%}"), _maybe(row["mean_worst_cos_update"], "{:.3f}"),
+                      *(_maybe(row[f"worst_margin_steps_{b}"], "{:+.1e}") for b in ("0-1", "2-10", ">10")))
     console.print(table)
 
 
