@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import PROC_STATUS, machine_description, reset_peak_memory
+from marble_kit.bench.common import PROC_STATUS, machine_description, reset_peak_memory, weights_fingerprint
 from marble_kit.bench.speed import K5_REWARDS, SPEED_PROMPTS
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
@@ -100,11 +100,13 @@ def probe(config: TrainConfig, threads: int) -> dict[str, Any]:
     reset_peak_memory(device)
     for _ in range(config.steps):
         trainer.step()
+    fingerprint = weights_fingerprint(trainer.policy.trainable_module())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {"device": str(device), "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "kind": "peak CUDA allocated"}
-    return {"device": str(device), "peak_mb": _rss_mb("VmHWM") - start, "kind": "peak RSS growth"}
+                "kind": "peak CUDA allocated", "fingerprint": fingerprint}
+    return {"device": str(device), "peak_mb": _rss_mb("VmHWM") - start, "kind": "peak RSS growth",
+            "fingerprint": fingerprint}
 
 
 def run_variant(settings: MemorySettings, variant: MemoryVariant) -> dict[str, Any]:
@@ -121,12 +123,12 @@ def run_variant(settings: MemorySettings, variant: MemoryVariant) -> dict[str, A
 def run_memory_benchmark(settings: MemorySettings | None = None,
                          on_variant: Callable[[str], None] | None = None) -> dict[str, Any]:
     settings = settings or MemorySettings()
-    rows, device = [], "cpu"
+    rows, device, fingerprint = [], "cpu", None
     for variant in MEMORY_VARIANTS:
         if on_variant is not None:
             on_variant(variant.name)
         measured = run_variant(settings, variant)
-        device = measured["device"]
+        device, fingerprint = measured["device"], fingerprint or measured.get("fingerprint")
         rows.append({"variant": variant.name, "label": variant.label, "kind": measured["kind"],
                      "peak_mb": measured["peak_mb"]})
     single = rows[0]["peak_mb"]
@@ -136,8 +138,9 @@ def run_memory_benchmark(settings: MemorySettings | None = None,
     affine = next(r for r in rows if r["variant"] == "marble-affine")
     targets = [{"target": f"(c) affine peak memory ≤ {limit}× single", "value": affine["vs_single"],
                 "threshold": limit, "met": bool(affine["vs_single"] <= limit)}]
-    return {"benchmark": "memory", "settings": asdict(settings), "machine": machine_description(device),
-            "rows": rows, "targets": targets}
+    machine = {**machine_description(device), "torch_threads": settings.threads}  # the variants' processes
+    return {"benchmark": "memory", "settings": asdict(settings), "machine": machine,
+            "policy_fingerprint": fingerprint, "rows": rows, "targets": targets}
 
 
 def main() -> None:
