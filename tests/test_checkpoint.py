@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from marble_kit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from marble_kit.checkpoint import (
+    FORMAT_VERSION,
+    _first_line,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from marble_kit.errors import MarbleError
 
 
 class FakePolicy:
@@ -53,3 +68,165 @@ def test_resaving_a_step_that_fails_keeps_the_complete_copy(tmp_path):
         save_checkpoint(tmp_path, 3, _state(30), FakePolicy(fail=True), META)
     _meta, state = load_checkpoint(tmp_path / "checkpoints" / "step-000003")
     assert torch.equal(state["policy"]["w"], torch.full((3,), 3.0))
+
+
+# ------------------------------------------------------------------ names, listing, layout
+def test_names_and_the_steps_they_encode():
+    assert checkpoint_name(3) == "step-000003" and checkpoint_name(1_234_567) == "step-1234567"
+    assert checkpoint_step("runs/a/checkpoints/step-000012") == 12
+    assert checkpoint_step(Path("step-1234567")) == 1_234_567
+    for other in ("step-000012.tmp", "step-000012.old", "step-12", "xstep-000012", "step-00001a", "adapter"):
+        assert checkpoint_step(other) is None, other
+
+
+def test_listing_keeps_complete_checkpoints_in_step_order(tmp_path):
+    assert list_checkpoints(tmp_path) == []
+    for step in (10, 2, 1_000_000):  # 7 digits sort after 6 by step, not by name
+        save_checkpoint(tmp_path, step, _state(step), FakePolicy(), META)
+    root = tmp_path / "checkpoints"
+    (root / "step-000003.tmp").mkdir()
+    (root / "step-000003.tmp" / "meta.json").write_text("{}")  # half-written: ignored
+    (root / "step-000004").mkdir()                              # no meta.json: ignored
+    (root / "step-000005").write_text("a file")                 # not a directory: ignored
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10, 1_000_000]
+    assert all(p.parent == root for p in list_checkpoints(tmp_path))
+
+
+def test_a_checkpoint_lists_every_file_with_its_size_and_sha256(tmp_path):
+    weights = torch.arange(6.0).reshape(2, 3).t()  # not contiguous, and a leaf that wants grad
+    state = {"step": 7, "policy": {"w": weights.requires_grad_(True)}, "optimizer": {"lr": 0.5}}
+    path = save_checkpoint(tmp_path, 7, state, FakePolicy(), META)
+    assert path == tmp_path / "checkpoints" / "step-000007" and "policy" in state  # input left whole
+    meta = json.loads((path / "meta.json").read_text())
+    assert {k: meta[k] for k in META} == META and meta["step"] == 7 and meta["format"] == FORMAT_VERSION
+    assert set(meta["files"]) == {"policy.safetensors", "state.pt", "adapter/pytorch_lora_weights.safetensors"}
+    for name, record in meta["files"].items():
+        data = (path / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000007"]  # no .tmp
+    loaded_meta, loaded = load_checkpoint(path)
+    assert loaded_meta == meta and loaded["step"] == 7 and loaded["optimizer"] == {"lr": 0.5}
+    assert torch.equal(loaded["policy"]["w"], weights.detach()) and not loaded["policy"]["w"].requires_grad
+
+
+def test_keep_prunes_all_but_the_newest(tmp_path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, _state(step), FakePolicy(), META, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    save_checkpoint(tmp_path, 5, _state(5), FakePolicy(), META, keep=0)  # 0 keeps every one
+    save_checkpoint(tmp_path, 6, _state(6), FakePolicy(), META)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4, 5, 6]
+    save_checkpoint(tmp_path, 7, _state(7), FakePolicy(), META, keep=1)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [7]
+
+
+def test_resaving_a_step_replaces_it_and_clears_a_stale_old_copy(tmp_path):
+    save_checkpoint(tmp_path, 3, _state(3), FakePolicy(), META)
+    (tmp_path / "checkpoints" / "step-000003.old").mkdir()  # left by a crash mid-swap
+    save_checkpoint(tmp_path, 3, {**_state(3), "policy": {"w": torch.full((3,), 30.0)}}, FakePolicy(), META)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+    _meta, state = load_checkpoint(tmp_path / "checkpoints" / "step-000003")
+    assert torch.equal(state["policy"]["w"], torch.full((3,), 30.0))
+
+
+# -------------------------------------------------------------- damaged checkpoints: one line
+def _saved(tmp_path, step=4):
+    return save_checkpoint(tmp_path, step, _state(step), FakePolicy(), META)
+
+
+def _rewrite(checkpoint, name, data: bytes, *, record: bool = True):
+    """Replace a file; with ``record`` also update meta.json's size/sha256 so only the content is wrong."""
+    (checkpoint / name).write_bytes(data)
+    if record:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        meta["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def _edit_meta(checkpoint, edit):
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps(edit(meta)))
+
+
+def _error(checkpoint) -> str:
+    with pytest.raises(MarbleError) as info:
+        load_checkpoint(checkpoint)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_meta_json_problems_are_one_line_errors(tmp_path):
+    assert "is not a marble checkpoint (no meta.json)" in _error(tmp_path)
+    path = _saved(tmp_path)
+    (path / "meta.json").write_text('{"step": 4, "pol')
+    assert f"checkpoint {path} is unusable: meta.json is not valid JSON" in _error(path)
+    assert "delete this one" in _error(path)
+    (path / "meta.json").write_bytes(b"\xff\xfe\x00")
+    assert "is not valid JSON" in _error(path)
+    for broken in ([1, 2], {"policy": "p"}, {"step": "4", "policy": "p"}, {"step": 4}):
+        (path / "meta.json").write_text(json.dumps(broken))
+        assert "meta.json lacks the step and policy entries" in _error(path), broken
+    (path / "meta.json").write_text(json.dumps({"step": 4, "policy": "p", "format": 1}))
+    assert f"has format 1, this marble-kit reads format {FORMAT_VERSION}" in _error(path)
+    (path / "meta.json").write_text(json.dumps({"step": 4, "policy": "p"}))
+    assert "has format None" in _error(path)
+
+
+def test_missing_truncated_and_corrupted_files_are_named(tmp_path):
+    path = _saved(tmp_path)
+    _edit_meta(path, lambda m: {**m, "files": "none"})
+    assert "meta.json lists no file checksums" in _error(path)
+    _edit_meta(path, lambda m: {**m, "files": {"state.pt": {}}})
+    assert "meta.json lists no file checksums" in _error(path)
+    path = _saved(tmp_path, 5)
+    (path / "state.pt").unlink()
+    assert "state.pt is missing" in _error(path)
+    path = _saved(tmp_path, 6)
+    data = (path / "policy.safetensors").read_bytes()
+    (path / "policy.safetensors").write_bytes(data[:-3])
+    assert f"policy.safetensors has {len(data) - 3} bytes, {len(data)} were written (truncated" in _error(path)
+    (path / "policy.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert "policy.safetensors does not match its sha256" in _error(path)
+
+
+def test_files_that_match_their_checksums_but_do_not_load(tmp_path):
+    from safetensors.torch import save as safetensors_bytes
+
+    path = _saved(tmp_path)
+    _rewrite(path, "adapter/pytorch_lora_weights.safetensors", safetensors_bytes({}))
+    assert "adapter/pytorch_lora_weights.safetensors holds no tensors" in _error(path)
+    path = _saved(tmp_path, 5)
+    _rewrite(path, "policy.safetensors", b"not a safetensors file")
+    assert "a safetensors file does not load (" in _error(path)
+    path = _saved(tmp_path, 6)
+    _rewrite(path, "state.pt", b"garbage")
+    assert "state.pt does not load (" in _error(path)
+    path = _saved(tmp_path, 7)
+    buffer = io.BytesIO()
+    torch.save({"step": 8}, buffer)
+    _rewrite(path, "state.pt", buffer.getvalue())
+    assert "state.pt does not hold the state of step 7" in _error(path)
+    buffer = io.BytesIO()
+    torch.save([7], buffer)
+    _rewrite(path, "state.pt", buffer.getvalue())
+    assert "state.pt does not hold the state of step 7" in _error(path)
+
+
+def test_error_messages_keep_the_first_line_of_a_long_cause():
+    assert _first_line(ValueError("short\nsecond line")) == "short"
+    assert _first_line(ValueError("")) == "ValueError"
+    long = _first_line(OSError("x" * 200))
+    assert len(long) == 120 and long == "x" * 119 + "…"
+    assert _first_line(OSError("y" * 120)) == "y" * 120
+
+
+def test_resolve_takes_a_checkpoint_or_the_latest_of_a_run(tmp_path):
+    with pytest.raises(MarbleError, match="does not exist; pass a run directory"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(MarbleError, match=r"holds no checkpoint \(expected checkpoints/step-NNNNNN/\)"):
+        resolve_checkpoint(tmp_path)
+    first, second = _saved(tmp_path, 2), _saved(tmp_path, 11)
+    assert resolve_checkpoint(tmp_path) == second
+    assert resolve_checkpoint(first) == first
+    assert resolve_checkpoint(str(first)) == first
