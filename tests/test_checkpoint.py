@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_a_save_that_fails_midway_leaves_no_partial_checkpoint_and_the_previous_
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, _state(2), FakePolicy(fail=True), META)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
-    assert not (tmp_path / "checkpoints" / "step-000002").exists()  # only a .tmp, which is ignored
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002.tmp"]
     meta, state = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert meta["step"] == 1 and torch.equal(state["policy"]["w"], torch.full((3,), 1.0))
     # the next save of the same step succeeds and replaces the leftover .tmp
@@ -81,14 +82,14 @@ def test_names_and_the_steps_they_encode():
 
 def test_listing_keeps_complete_checkpoints_in_step_order(tmp_path):
     assert list_checkpoints(tmp_path) == []
-    for step in (10, 2, 1_000_000):  # 7 digits sort after 6 by step, not by name
+    for step in (10, 1_000_000, 2, 999_999):  # by step, not by name: step-1000000 < step-999999
         save_checkpoint(tmp_path, step, _state(step), FakePolicy(), META)
     root = tmp_path / "checkpoints"
     (root / "step-000003.tmp").mkdir()
     (root / "step-000003.tmp" / "meta.json").write_text("{}")  # half-written: ignored
     (root / "step-000004").mkdir()                              # no meta.json: ignored
     (root / "step-000005").write_text("a file")                 # not a directory: ignored
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10, 1_000_000]
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10, 999_999, 1_000_000]
     assert all(p.parent == root for p in list_checkpoints(tmp_path))
 
 
@@ -156,19 +157,29 @@ def _error(checkpoint) -> str:
     return message
 
 
+def _unusable(checkpoint) -> str:
+    """The reason of a "checkpoint … is unusable" error (checked to name the checkpoint and the way out)."""
+    message = _error(checkpoint)
+    head = f"checkpoint {checkpoint} is unusable: "
+    tail = "; resume or evaluate an earlier checkpoint (delete this one to make `--resume` use the previous one)"
+    assert message.startswith(head) and message.endswith(tail), message
+    return message[len(head):-len(tail)]
+
+
 def test_meta_json_problems_are_one_line_errors(tmp_path):
-    assert "is not a marble checkpoint (no meta.json)" in _error(tmp_path)
+    assert _error(tmp_path) == (f"{tmp_path} is not a marble checkpoint (no meta.json); pass a "
+                                "checkpoints/step-NNNNNN directory or a run directory")
     path = _saved(tmp_path)
     (path / "meta.json").write_text('{"step": 4, "pol')
-    assert f"checkpoint {path} is unusable: meta.json is not valid JSON" in _error(path)
-    assert "delete this one" in _error(path)
+    assert _unusable(path) == "meta.json is not valid JSON (truncated or overwritten)"
     (path / "meta.json").write_bytes(b"\xff\xfe\x00")
-    assert "is not valid JSON" in _error(path)
+    assert _unusable(path) == "meta.json is not valid JSON (truncated or overwritten)"
     for broken in ([1, 2], {"policy": "p"}, {"step": "4", "policy": "p"}, {"step": 4}):
         (path / "meta.json").write_text(json.dumps(broken))
-        assert "meta.json lacks the step and policy entries" in _error(path), broken
+        assert _unusable(path) == "meta.json lacks the step and policy entries", broken
     (path / "meta.json").write_text(json.dumps({"step": 4, "policy": "p", "format": 1}))
-    assert f"has format 1, this marble-kit reads format {FORMAT_VERSION}" in _error(path)
+    assert _error(path) == (f"checkpoint {path} has format 1, this marble-kit reads format {FORMAT_VERSION}; "
+                            "use the marble-kit version that wrote it")
     (path / "meta.json").write_text(json.dumps({"step": 4, "policy": "p"}))
     assert "has format None" in _error(path)
 
@@ -176,18 +187,35 @@ def test_meta_json_problems_are_one_line_errors(tmp_path):
 def test_missing_truncated_and_corrupted_files_are_named(tmp_path):
     path = _saved(tmp_path)
     _edit_meta(path, lambda m: {**m, "files": "none"})
-    assert "meta.json lists no file checksums" in _error(path)
+    assert _unusable(path) == "meta.json lists no file checksums"
     _edit_meta(path, lambda m: {**m, "files": {"state.pt": {}}})
-    assert "meta.json lists no file checksums" in _error(path)
+    assert _unusable(path) == "meta.json lists no file checksums"
     path = _saved(tmp_path, 5)
     (path / "state.pt").unlink()
-    assert "state.pt is missing" in _error(path)
+    assert _unusable(path) == "state.pt is missing"
     path = _saved(tmp_path, 6)
     data = (path / "policy.safetensors").read_bytes()
     (path / "policy.safetensors").write_bytes(data[:-3])
-    assert f"policy.safetensors has {len(data) - 3} bytes, {len(data)} were written (truncated" in _error(path)
+    assert _unusable(path) == (f"policy.safetensors has {len(data) - 3} bytes, {len(data)} were written "
+                               "(truncated or overwritten)")
     (path / "policy.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    assert "policy.safetensors does not match its sha256" in _error(path)
+    assert _unusable(path) == "policy.safetensors does not match its sha256 (corrupted on disk)"
+
+
+def test_the_two_state_files_are_all_a_manifest_needs(tmp_path):
+    path = _saved(tmp_path)
+    _edit_meta(path, lambda m: {**m, "files": {k: v for k, v in m["files"].items() if "/" not in k}})
+    assert load_checkpoint(path)[1]["step"] == 4
+
+
+class Unlisted:
+    """Not a tensor or a plain container: a weights-only load must refuse it."""
+
+
+def _state_file(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def test_files_that_match_their_checksums_but_do_not_load(tmp_path):
@@ -195,22 +223,45 @@ def test_files_that_match_their_checksums_but_do_not_load(tmp_path):
 
     path = _saved(tmp_path)
     _rewrite(path, "adapter/pytorch_lora_weights.safetensors", safetensors_bytes({}))
-    assert "adapter/pytorch_lora_weights.safetensors holds no tensors" in _error(path)
+    assert _unusable(path) == "adapter/pytorch_lora_weights.safetensors holds no tensors"
     path = _saved(tmp_path, 5)
     _rewrite(path, "policy.safetensors", b"not a safetensors file")
-    assert "a safetensors file does not load (" in _error(path)
+    assert _unusable(path) == "a safetensors file does not load (Error while deserializing header: header too large)"
     path = _saved(tmp_path, 6)
     _rewrite(path, "state.pt", b"garbage")
-    assert "state.pt does not load (" in _error(path)
+    assert _unusable(path).startswith("state.pt does not load (Weights only load failed.")
+    _rewrite(path, "state.pt", _state_file({"step": 6, "thing": Unlisted()}))  # no unpickling of code
+    assert _unusable(path).startswith("state.pt does not load (Weights only load failed.")
     path = _saved(tmp_path, 7)
-    buffer = io.BytesIO()
-    torch.save({"step": 8}, buffer)
-    _rewrite(path, "state.pt", buffer.getvalue())
-    assert "state.pt does not hold the state of step 7" in _error(path)
-    buffer = io.BytesIO()
-    torch.save([7], buffer)
-    _rewrite(path, "state.pt", buffer.getvalue())
-    assert "state.pt does not hold the state of step 7" in _error(path)
+    for wrong in ({"step": 8}, [7], {"optimizer": {}}):
+        _rewrite(path, "state.pt", _state_file(wrong))
+        assert _unusable(path) == "state.pt does not hold the state of step 7", wrong
+    path = _saved(tmp_path, 1)
+    _rewrite(path, "state.pt", _state_file({"optimizer": {}}))
+    assert _unusable(path) == "state.pt does not hold the state of step 1"
+
+
+def test_state_tensors_load_onto_the_cpu(tmp_path):
+    state = {**_state(2), "generator": torch.Generator().manual_seed(3).get_state(), "lam": torch.tensor([0.25, 0.75])}
+    path = save_checkpoint(tmp_path, 2, state, FakePolicy(), META)
+    loaded = load_checkpoint(path)[1]
+    assert torch.equal(loaded["generator"], state["generator"]) and loaded["lam"].device.type == "cpu"
+
+
+def test_every_file_and_the_directory_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = _saved(tmp_path / "new" / "run")  # the run directory does not exist yet
+    tmp = path.with_name(path.name + ".tmp")
+    names = {"meta.json", "policy.safetensors", "state.pt", "adapter/pytorch_lora_weights.safetensors"}
+    assert {p.relative_to(tmp).as_posix() for p in synced if p.is_relative_to(tmp)} == names
+    assert synced[-1] == path.parent  # the rename itself, made durable
 
 
 def test_error_messages_keep_the_first_line_of_a_long_cause():
@@ -222,11 +273,14 @@ def test_error_messages_keep_the_first_line_of_a_long_cause():
 
 
 def test_resolve_takes_a_checkpoint_or_the_latest_of_a_run(tmp_path):
-    with pytest.raises(MarbleError, match="does not exist; pass a run directory"):
+    with pytest.raises(MarbleError) as info:
         resolve_checkpoint(tmp_path / "nowhere")
-    with pytest.raises(MarbleError, match=r"holds no checkpoint \(expected checkpoints/step-NNNNNN/\)"):
+    assert str(info.value) == f"{tmp_path / 'nowhere'} does not exist; pass a run directory or a checkpoint directory"
+    with pytest.raises(MarbleError) as info:
         resolve_checkpoint(tmp_path)
-    first, second = _saved(tmp_path, 2), _saved(tmp_path, 11)
-    assert resolve_checkpoint(tmp_path) == second
+    assert str(info.value) == (f"{tmp_path} holds no checkpoint (expected checkpoints/step-NNNNNN/); "
+                               "pass a run directory of `marble train` or a checkpoint directory")
+    first, _, last = _saved(tmp_path, 2), _saved(tmp_path, 5), _saved(tmp_path, 11)
+    assert resolve_checkpoint(tmp_path) == last
     assert resolve_checkpoint(first) == first
     assert resolve_checkpoint(str(first)) == first
