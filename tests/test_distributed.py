@@ -291,7 +291,8 @@ class ThreadedCollectives:
 
     def all_reduce(self, tensor, op):
         values = torch.stack(self._exchange(tensor.clone()))
-        tensor.copy_(values.sum(0) if op == self.ReduceOp.SUM else values.amax(0))
+        reductions = {self.ReduceOp.SUM: lambda: values.sum(0), self.ReduceOp.MAX: lambda: values.amax(0)}
+        tensor.copy_(reductions[op]())
 
     def broadcast(self, tensor, src):
         tensor.copy_(self._exchange(tensor.clone())[src])
@@ -349,15 +350,20 @@ def test_collectives_between_two_ranks_in_threads(threaded, tmp_path):
 def test_reductions_leave_their_inputs_alone_and_keep_devices_and_dtypes(threaded):
     def work(rank):
         dist = Distributed(rank=rank, world_size=2)
-        mine = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64).t() * (rank + 1)  # not contiguous
-        mean, main = dist.all_reduce_mean(mine), dist.broadcast_from_main(mine)
-        return mine, mean, main
+        found = []
+        for transpose in (True, False):  # a strided view, and a contiguous tensor (no copy needed)
+            mine = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64) * (rank + 1)
+            mine = mine.t() if transpose else mine
+            found.append((mine, dist.all_reduce_mean(mine), dist.broadcast_from_main(mine), transpose))
+        return found
 
-    for rank, (mine, mean, main) in enumerate(threaded.run(work)):
-        assert torch.equal(mine, torch.tensor([[1.0, 3.0], [2.0, 4.0]], dtype=torch.float64) * (rank + 1))
-        assert torch.equal(mean, torch.tensor([[1.5, 4.5], [3.0, 6.0]], dtype=torch.float64))
-        assert torch.equal(main, torch.tensor([[1.0, 3.0], [2.0, 4.0]], dtype=torch.float64))
-        assert mean.dtype == main.dtype == torch.float64
+    for rank, found in enumerate(threaded.run(work)):
+        for mine, mean, main, transpose in found:
+            base = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+            base = base.t() if transpose else base
+            assert torch.equal(mine, base * (rank + 1))
+            assert torch.equal(mean, base * 1.5) and torch.equal(main, base)
+            assert mean.dtype == main.dtype == torch.float64
 
 
 def test_gathered_groups_stay_whole_and_unique_with_more_groups_per_rank(threaded):
@@ -479,21 +485,81 @@ def test_joining_the_process_group_from_the_launchers_environment(monkeypatch):
     assert joined[-1] == ("gloo", datetime.timedelta(seconds=5))
     with pytest.raises(MarbleError, match=r"LOCAL_RANK 0 but only 0 GPUs are visible"):
         Distributed.from_environment(backend="nccl")  # this machine has no GPU
+    distributed_module.torch_dist.initialized = False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Distributed.from_environment(timeout_s=5).active
     for world in ("1", "0"):
         monkeypatch.setenv("WORLD_SIZE", world)
         assert Distributed.from_environment() == Distributed()
 
 
+def test_with_gpus_each_rank_joins_over_nccl_on_its_own_gpu(monkeypatch):
+    """A machine with two GPUs, simulated: torch's CUDA queries answered, the device switch recorded."""
+    import marble_kit.distributed as distributed_module
+
+    calls = []
+
+    class Launched:
+        def is_initialized(self):
+            return False
+
+        def init_process_group(self, backend, timeout):
+            calls.append(("join", backend))
+
+        def get_rank(self):
+            return 1
+
+        def get_world_size(self):
+            return 2
+
+    monkeypatch.setattr(distributed_module, "torch_dist", Launched())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = Distributed.from_environment(timeout_s=5)
+    assert calls == [("set_device", 1), ("join", "nccl")]
+    assert (dist.rank, dist.local_rank, dist.device) == (1, 1, torch.device("cuda", 1))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert _raised(lambda: Distributed.from_environment(timeout_s=5)) == (
+        "LOCAL_RANK 2 but only 2 GPUs are visible; start at most one process per GPU (--nproc-per-node)")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert Distributed.from_environment(backend="gloo", timeout_s=5).device == torch.device("cpu")
+
+
+def _raised(call) -> str:
+    with pytest.raises(MarbleError) as info:
+        call()
+    return str(info.value)
+
+
+def test_timeouts_below_a_second_are_allowed_and_a_wrong_device_is_named(monkeypatch):
+    monkeypatch.setenv("MARBLE_DIST_TIMEOUT", "0.5")
+    assert timeout_from_environment() == 0.5
+    rank3 = Distributed(rank=3, world_size=8, local_rank=3, device=torch.device("cuda", 3))
+    assert _raised(lambda: rank3.check_device(torch.device("cuda", 0))) == (
+        "rank 3 (LOCAL_RANK 3) was told to train on cuda:0; leave the policy option `device` unset "
+        "(or 'cuda') under torchrun/accelerate so that each rank uses its own GPU")
+
+
 def test_a_collective_failure_ends_the_process_in_one_line(monkeypatch, capsys):
     exits = []
-    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(SystemExit(code)))
+
+    def leave(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", leave)
     with pytest.raises(SystemExit):
         Distributed(rank=1, world_size=2).exit_after_collective_failure(
             CollectiveError("all_reduce failed: timed out\nmore"), code=4)
-    assert exits == [4]
-    err = capsys.readouterr().err
-    assert err == ("error: rank 1: all_reduce failed: timed out; another rank failed or stopped responding; "
-                   "see its log, or raise MARBLE_DIST_TIMEOUT if rank 0 needs longer for checkpoints\n")
+    assert capsys.readouterr().err == (
+        "error: rank 1: all_reduce failed: timed out; another rank failed or stopped responding; "
+        "see its log, or raise MARBLE_DIST_TIMEOUT if rank 0 needs longer for checkpoints\n")
+    with pytest.raises(SystemExit):
+        Distributed(rank=0, world_size=2).exit_after_collective_failure(CollectiveError("barrier failed: x"))
+    assert exits == [4, 1]
 
 
 def test_closing_leaves_only_a_joined_group(threaded):
