@@ -39,7 +39,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    app()  # warnings become one line in the root callback, for every command
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from marble_cli.common import console, err_console, print_json, split_names, user_errors
+from marble_cli.common import console, err_console, names_option, print_json, split_names, user_errors
 from marble_kit.errors import MarbleError
 
 bench_app = typer.Typer(help="Benchmarks: training-step speed, reward conflicts, Gram fidelity, "
@@ -262,7 +262,8 @@ def conflict(
     )
 
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
-                                methods=split_names(methods) or list(DEFAULT_METHODS), reward_scope=reward_scope)
+                                methods=names_option(methods, "--methods") or list(DEFAULT_METHODS),
+                                reward_scope=reward_scope)
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,16 @@ from marble_kit.errors import MarbleError
 PIPE_WIDTH = None if os.environ.get("COLUMNS") else 120
 console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
+
+
+def show_warnings_in_one_line() -> None:
+    """Python warnings as ``warning: <message>`` on stderr (no file:line and source line: the
+    message of a marble warning says what happened and what to do)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,17 +48,6 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def show_warnings_in_one_line() -> None:
-    """Warnings (a degenerate Gram, a reward that judges nothing, ...) as one line on stderr,
-    ``warning: <message>``, instead of Python's file:line + source-line format."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-    warnings.showwarning = show
-
-
 def print_json(data: Any) -> None:
     """Plain JSON on stdout (no rich markup), for scripts."""
     typer.echo(json.dumps(data, indent=2, default=str))
@@ -55,3 +55,15 @@ def print_json(data: Any) -> None:
 
 def split_names(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def names_option(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated list option: None when not given; given but naming nothing
+    (``--rewards ""``, ``--rewards ,``) is an error rather than a silent fall-back to defaults."""
+    if text is None:
+        return None
+    names = split_names(text)
+    if not names:
+        raise MarbleError(f"{flag} {text!r} names nothing; pass {flag} NAME[,NAME...] "
+                          "(`marble plugins` lists the installed ones) or leave the flag out")
+    return names

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from marble_cli.common import console, split_names, user_errors
+from marble_cli.common import console, names_option, user_errors
 from marble_kit.config import TrainConfig, read_toml, resolve_config
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value
@@ -73,7 +73,7 @@ def train(
     from marble_kit.run import read_run_config
     from marble_kit.run import train as run_train
 
-    overrides = {"rewards": split_names(rewards) or None, "balancer": balancer, "policy": policy,
+    overrides = {"rewards": names_option(rewards, "--rewards"), "balancer": balancer, "policy": policy,
                  "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr,
                  "report_to": report_to}
     if resume is not None:
@@ -92,11 +92,7 @@ def train(
     else:
         config = build_config(config_file, overrides, reward_opt, balancer_opt, policy_opt, settings)
     dist = Distributed.from_environment()
-    if dist.is_main:
-        console.print(f"[bold]marble train[/] → {config.out}  policy={config.policy}  "
-                      f"rewards={','.join(config.rewards)}  balancer={config.balancer}  gram={config.gram}",
-                      highlight=False)
-    try:
+    try:  # the run prints its header once every check has passed (an error comes alone)
         result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
     except CollectiveError as exc:  # a peer died or hung: leave without teardown
         dist.exit_after_collective_failure(exc)

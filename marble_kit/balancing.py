@@ -21,6 +21,7 @@ This module holds what the built-in balancers share:
 
 from __future__ import annotations
 
+import abc
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -646,9 +647,15 @@ def ema_update(previous: np.ndarray | None, current: np.ndarray, rho: float) -> 
     return rho * previous + (1.0 - rho) * current
 
 
+# Flags that are ordinary situations, answered exactly: metrics only, no warning (two rewards
+# with parallel gradients make any Gram rank-deficient; a step without an active reward is
+# already named by the trainer's own warning).
+QUIET_FLAGS = ("rank_deficient", "no_active")
+
+
 def warn_degenerate(name: str, metrics: dict[str, float]) -> None:
     """One warning naming what was degenerate (Python shows each distinct message once)."""
-    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS)
+    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS if f not in QUIET_FLAGS)
               if metrics.get(key, 0.0)]
     if issues:
         warnings.warn(f"balancer {name!r}: degenerate Gram matrix ({', '.join(issues)}); "
@@ -682,6 +689,53 @@ def solve_period_due(step: int, every: int) -> bool:
     return step % every == 0
 
 
+class WeightsBalancer(abc.ABC):
+    """What balancers whose solve gives loss weights directly (upgrad, pcgrad, cagrad) share:
+    the contract's :meth:`weights` around their ``solve(gram, active) -> (weights, metrics)``,
+    λ = w/Σw for logging, the degenerate-step counter and the checkpointed state."""
+
+    needs_gram = True
+    summed_reward_weights = None
+    gram_metric = "euclidean"
+    name = "balancer"
+
+    def __init__(self, num_rewards: int):
+        self.num_rewards = check_num_rewards(num_rewards, f"balancer {self.name!r}")
+        self.lam = uniform(num_rewards)
+        self.degenerate_steps = 0
+        self.metrics: dict[str, float] = {}
+
+    @abc.abstractmethod
+    def solve(self, gram: np.ndarray, active: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """(K,) loss weights and this solve's metrics (with ``balancer/degenerate``) for a float64 Gram."""
+
+    def solve_step(self, gram: np.ndarray, step: int, active: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """This step's solve (a balancer that depends on the step, e.g. PCGrad's seeded order,
+        overrides it)."""
+        return self.solve(gram, active)
+
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+        where = f"balancer {self.name!r}"
+        array = as_gram_array(gram, self.num_rewards, where)
+        weights, metrics = self.solve_step(array, step, as_active_mask(active, self.num_rewards, where))
+        self.degenerate_steps += int(metrics["balancer/degenerate"])
+        metrics["balancer/degenerate_steps"] = float(self.degenerate_steps)
+        metrics["balancer/weight_sum"] = float(weights.sum())
+        self.metrics = metrics
+        warn_degenerate(self.name, metrics)
+        total = weights.sum()
+        self.lam = to_tensor(weights / total if total > 0 else weights)
+        return to_tensor(weights)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        where = f"balancer {self.name!r}"
+        self.lam = state_tensor(state, "lam", (self.num_rewards,), where)
+        self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), where))
+
+
 def accepts_active(balancer: object) -> bool:
     """Whether ``balancer.weights`` takes the ``active`` keyword (the current contract)."""
     try:
@@ -708,7 +762,7 @@ def balance(balancer: Balancer, gram: Tensor | None, step: int, active: Tensor |
 
 
 __all__ = [
-    "Balancer", "CleanGram", "DenseQP", "MinNormQP", "MinNormResult", "QPResult",
+    "Balancer", "CleanGram", "DenseQP", "MinNormQP", "MinNormResult", "QPResult", "WeightsBalancer",
     "accepts_active", "active_set_qp", "as_active_mask", "as_gram_array", "balance", "balancer_metrics",
     "box_qp_batch", "check_gram_metric", "check_max_weight", "check_min_weight", "check_normalize",
     "check_num_rewards", "ema_update", "kkt_residual", "loss_weights", "refine_active_set",

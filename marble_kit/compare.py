@@ -19,7 +19,7 @@ from typing import Any
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.evaluate import EVAL_JSON
-from marble_kit.plots import read_metrics
+from marble_kit.plots import read_metrics, save_png
 from marble_kit.run import read_run_config
 
 COMPARE_JSON = "compare.json"
@@ -228,10 +228,4 @@ def plot_comparison(runs: list[RunSummary], shared: list[str], path: Path) -> Pa
     handles = [plt.Line2D([], [], color=f"C{i}", lw=2) for i in range(len(runs))]
     worst.legend(handles, [f"{run.label} ({run.config.balancer}, gram {run.config.gram})" for run in runs],
                  fontsize=8, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)

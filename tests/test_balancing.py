@@ -209,8 +209,12 @@ def test_degenerate_gram_gives_finite_answer_warning_and_counter(case, name):
     if name in ("pcgrad", "cagrad") and flag in ("rank_deficient", "non_psd"):
         pytest.skip("no QP on the unit-diagonal Gram: these flags are not computed")
     balancer = make(name, gram.shape[0])
-    with pytest.warns(RuntimeWarning, match="degenerate Gram"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         weights = balancer.weights(torch.tensor(gram), 0)
+    # a rank-deficient Gram is an ordinary case (parallel gradients): a metric, not a warning
+    warned = [w for w in caught if "degenerate Gram" in str(w.message)]
+    assert len(warned) == (0 if flag == "rank_deficient" else 1), [str(w.message) for w in caught]
     assert torch.isfinite(weights).all() and (weights >= 0).all()
     assert torch.isfinite(balancer.lam).all()
     if case == "all_nan":  # nothing finite to balance: no reward takes part

@@ -20,20 +20,12 @@ code does in its experiments (the paper's Algorithm 1 and torchjd do not).
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from marble_kit.balancing import (
+    WeightsBalancer,
     active_set_qp,
-    as_active_mask,
-    as_gram_array,
     balancer_metrics,
-    check_num_rewards,
     sanitize_gram,
-    state_tensor,
-    to_tensor,
-    uniform,
-    warn_degenerate,
 )
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
@@ -109,26 +101,20 @@ def cagrad_weights(gram: np.ndarray, c: float, max_rounds: int = 200) -> tuple[n
     return mean + t * w, rounds
 
 
-class CAGrad:
+class CAGrad(WeightsBalancer):
     """CAGrad weights from the Gram over the active rewards (c = 0.4 by default, in [0, 1))."""
 
-    needs_gram = True
-    summed_reward_weights = None
-    gram_metric = "euclidean"
     name = "cagrad"
 
     def __init__(self, num_rewards: int, c: float = 0.4, rescale: bool = False):
+        super().__init__(num_rewards)
         where = f"balancer {self.name!r}"
-        self.num_rewards = check_num_rewards(num_rewards, where)
         if not 0.0 <= float(c) < 1.0:
             raise MarbleError(f"{where}: c={c} must be in [0, 1) (the radius of the ball around the mean "
                               "gradient, in units of its norm; e.g. --balancer-opt c=0.4)")
         if not isinstance(rescale, bool):
             raise MarbleError(f"{where}: rescale={rescale!r} must be true or false")
         self.c, self.rescale = float(c), rescale
-        self.lam = uniform(num_rewards)
-        self.degenerate_steps = 0
-        self.metrics: dict[str, float] = {}
 
     def solve(self, gram: np.ndarray, active: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
         clean = sanitize_gram(gram, active, unit=False)
@@ -145,28 +131,6 @@ class CAGrad:
         metrics = balancer_metrics(clean.flags, members)
         metrics["balancer/qp_rounds"] = float(rounds)
         return weights, metrics
-
-    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
-        where = f"balancer {self.name!r}"
-        array = as_gram_array(gram, self.num_rewards, where)
-        weights, metrics = self.solve(array, as_active_mask(active, self.num_rewards, where))
-        self.degenerate_steps += int(metrics["balancer/degenerate"])
-        metrics["balancer/degenerate_steps"] = float(self.degenerate_steps)
-        metrics["balancer/weight_sum"] = float(weights.sum())
-        self.metrics = metrics
-        warn_degenerate(self.name, metrics)
-        total = weights.sum()
-        self.lam = to_tensor(weights / total if total > 0 else weights)
-        return to_tensor(weights)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        where = f"balancer {self.name!r}"
-        self.lam = state_tensor(state, "lam", (self.num_rewards,), where)
-        self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), where))
-
 
 @hookimpl
 def register_balancers(register):

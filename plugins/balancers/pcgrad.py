@@ -24,15 +24,10 @@ import torch
 from torch import Tensor
 
 from marble_kit.balancing import (
-    as_active_mask,
-    as_gram_array,
+    WeightsBalancer,
     balancer_metrics,
-    check_num_rewards,
     sanitize_gram,
     state_tensor,
-    to_tensor,
-    uniform,
-    warn_degenerate,
 )
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
@@ -60,27 +55,21 @@ def random_orders(num_rewards: int, seed: int, step: int) -> list[list[int]]:
     return [[j for j in generator.permutation(num_rewards) if j != i] for i in range(num_rewards)]
 
 
-class PCGrad:
+class PCGrad(WeightsBalancer):
     """PCGrad weights from the Gram over the active rewards: w = Σ_i W_i (reduction="sum",
     the paper's update) or the mean over the n active rewards (reduction="mean": the scale of
     the other built-ins, e.g. uniform weighted-sum or UPGrad, for a like-for-like comparison)."""
 
-    needs_gram = True
-    summed_reward_weights = None
-    gram_metric = "euclidean"
     name = "pcgrad"
 
     def __init__(self, num_rewards: int, seed: int = 0, reduction: str = "sum"):
+        super().__init__(num_rewards)
         where = f"balancer {self.name!r}"
-        self.num_rewards = check_num_rewards(num_rewards, where)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise MarbleError(f"{where}: seed={seed!r} must be an integer ≥ 0 (e.g. --balancer-opt seed=1)")
         if reduction not in REDUCTIONS:
             raise MarbleError(f"{where}: reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
         self.seed, self.reduction = seed, reduction
-        self.lam = uniform(num_rewards)
-        self.degenerate_steps = 0
-        self.metrics: dict[str, float] = {}
 
     def solve(self, gram: np.ndarray, step: int, active: np.ndarray | None = None
               ) -> tuple[np.ndarray, dict[str, float]]:
@@ -95,27 +84,15 @@ class PCGrad:
             weights[members] = projected.sum(axis=0) / (n if self.reduction == "mean" else 1)
         return weights, balancer_metrics(clean.flags, members)
 
-    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
-        where = f"balancer {self.name!r}"
-        array = as_gram_array(gram, self.num_rewards, where)
-        weights, metrics = self.solve(array, step, as_active_mask(active, self.num_rewards, where))
-        self.degenerate_steps += int(metrics["balancer/degenerate"])
-        metrics["balancer/degenerate_steps"] = float(self.degenerate_steps)
-        metrics["balancer/weight_sum"] = float(weights.sum())
-        self.metrics = metrics
-        warn_degenerate(self.name, metrics)
-        total = weights.sum()
-        self.lam = to_tensor(weights / total if total > 0 else weights)
-        return to_tensor(weights)
+    def solve_step(self, gram: np.ndarray, step: int, active: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        return self.solve(gram, step, active)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps)),
-                "seed": torch.tensor(self.seed, dtype=torch.int64)}
+        return {**super().state_dict(), "seed": torch.tensor(self.seed, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        super().load_state_dict(state)
         where = f"balancer {self.name!r}"
-        self.lam = state_tensor(state, "lam", (self.num_rewards,), where)
-        self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), where))
         seed = int(state_tensor(state, "seed", (), where))
         if seed != self.seed:  # the seed is configuration: a different one would change the run
             raise MarbleError(f"{where}: the checkpoint was trained with seed={seed} but this run has "

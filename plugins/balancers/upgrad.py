@@ -27,22 +27,14 @@ no warm start, so the answer is a function of the Gram alone (a resumed run cann
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from marble_kit.balancing import (
-    as_active_mask,
-    as_gram_array,
+    WeightsBalancer,
     balancer_metrics,
     box_qp_batch,
     check_max_weight,
     check_normalize,
-    check_num_rewards,
     sanitize_gram,
-    state_tensor,
-    to_tensor,
-    uniform,
-    warn_degenerate,
 )
 from marble_kit.hookspecs import hookimpl
 
@@ -63,23 +55,17 @@ def upgrad_projections(unit: np.ndarray, scale: np.ndarray, count: int, max_weig
     return mu, capped, iterations
 
 
-class UPGrad:
+class UPGrad(WeightsBalancer):
     """UPGrad weights w = Σ_i v_i over the n active rewards, v_i = argmin_{e_i/n ≤ v ≤ max_weight/n}
     vᵀGv; ⟨g_k, Σ_l w_l g_l⟩ ≥ 0 for every active reward whose weights are below the cap."""
 
-    needs_gram = True
-    summed_reward_weights = None
-    gram_metric = "euclidean"
     name = "upgrad"
 
     def __init__(self, num_rewards: int, normalize: str = "none", max_weight: float = 1000.0):
+        super().__init__(num_rewards)
         where = f"balancer {self.name!r}"
-        self.num_rewards = check_num_rewards(num_rewards, where)
         self.normalize = check_normalize(normalize, where)
         self.max_weight = check_max_weight(max_weight, where)
-        self.lam = uniform(num_rewards)
-        self.degenerate_steps = 0
-        self.metrics: dict[str, float] = {}
 
     def solve(self, gram: np.ndarray, active: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """(K,) loss weights and this solve's metrics for a float64 Gram."""
@@ -104,29 +90,7 @@ class UPGrad:
         metrics = balancer_metrics(clean.flags, clean.included)
         metrics["balancer/capped"] = float(capped_rewards)
         metrics["balancer/qp_iterations"] = float(iterations)
-        metrics["balancer/weight_sum"] = float(weights.sum())
         return weights, metrics
-
-    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
-        where = f"balancer {self.name!r}"
-        array = as_gram_array(gram, self.num_rewards, where)
-        weights, metrics = self.solve(array, as_active_mask(active, self.num_rewards, where))
-        self.degenerate_steps += int(metrics["balancer/degenerate"])
-        metrics["balancer/degenerate_steps"] = float(self.degenerate_steps)
-        self.metrics = metrics
-        warn_degenerate(self.name, metrics)
-        total = weights.sum()
-        self.lam = to_tensor(weights / total if total > 0 else weights)
-        return to_tensor(weights)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        # No solver state: every solve starts from the bounds.
-        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.lam = state_tensor(state, "lam", (self.num_rewards,), f"balancer {self.name!r}")
-        self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), f"balancer {self.name!r}"))
-
 
 @hookimpl
 def register_balancers(register):
