@@ -284,3 +284,21 @@ def test_resolve_takes_a_checkpoint_or_the_latest_of_a_run(tmp_path):
     assert resolve_checkpoint(tmp_path) == last
     assert resolve_checkpoint(first) == first
     assert resolve_checkpoint(str(first)) == first
+
+
+def test_an_old_checkpoint_that_cannot_be_pruned_does_not_fail_the_save(tmp_path, monkeypatch):
+    """Pruning is best effort: a file of an old checkpoint that cannot be removed (another
+    process holds it, a read-only mount) leaves that checkpoint behind; the new one is saved."""
+    save_checkpoint(tmp_path, 1, _state(1), FakePolicy(), META)
+    unlink = os.unlink
+
+    def refuse_in_step_1(path, *args, **kwargs):
+        if "step-000001" in str(path) or "dir_fd" in kwargs:
+            raise PermissionError(13, "Permission denied (injected)", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_in_step_1)
+    final = save_checkpoint(tmp_path, 2, _state(2), FakePolicy(), META, keep=1)
+    monkeypatch.undo()
+    assert final.name == "step-000002" and load_checkpoint(final)[1]["step"] == 2
+    assert (tmp_path / "checkpoints" / "step-000001").exists()

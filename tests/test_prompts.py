@@ -405,3 +405,21 @@ def test_mask_messages_and_shapes():
     assert _message(lambda: applicability_mask([0, 3], ["a"], sets)) == "set index out of range 0..2: [0, 3]"
     empty = applicability_mask(torch.tensor([0, 2]), [], sets)
     assert empty.shape == (0, 2) and empty.dtype == torch.bool
+
+
+def test_the_prompt_order_of_a_seed_is_fixed_across_versions():
+    """A run resumed by a newer marble-kit must draw the prompts the old one would have: pass e over
+    set s is ``torch.randperm`` seeded with (seed·1000003 + s·7919 + e·104729) mod (2⁶³ − 1)."""
+    sets = _sets(5, 4)
+
+    def expected_pass(seed, set_index, epoch):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + set_index * 7_919 + epoch * 104_729)
+                                                  % (2**63 - 1))
+        return [sets[set_index].prompts[i] for i in torch.randperm(len(sets[set_index].prompts),
+                                                                   generator=generator).tolist()]
+
+    for seed in (3, 2**62 + 11):  # the second wraps around the modulus
+        drawn = PromptSampler(sets, seed).sample(30)  # equal weights: the sets take turns, 15 draws each
+        for set_index in range(2):
+            expected = [p for epoch in range(4) for p in expected_pass(seed, set_index, epoch)]
+            assert [p for p, s in drawn if s == set_index] == expected[:15]
