@@ -383,6 +383,23 @@ def test_balance_serves_a_balancer_written_before_active():
     modern = make("upgrad", 3)
     torch.testing.assert_close(balance(modern, gram + torch.eye(3, dtype=torch.float64), 0),
                                make("upgrad", 3).weights(gram + torch.eye(3, dtype=torch.float64), 0))
+    # a current balancer gets the mask itself (upgrad leaves an inactive reward out of its n rows;
+    # a zeroed row would count as a zero gradient), and so does one that takes **options
+    mask = torch.tensor([True, False, True])
+    full = gram + torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(balance(make("upgrad", 3), full, 0, active=mask),
+                               make("upgrad", 3).weights(full, 0, active=mask))
+
+    class Options:
+        needs_gram = True
+
+        def weights(self, gram, step, **options):
+            self.options = options
+            return torch.ones(gram.shape[0], dtype=torch.float64)
+
+    with_options = Options()
+    assert balance(with_options, full, 0, active=mask).tolist() == [1.0, 1.0, 1.0]
+    assert with_options.options["active"] is mask
 
 
 def test_upgrad_unit_normalize_is_upgrad_of_the_unit_gradients_at_their_mean_norm():

@@ -602,3 +602,37 @@ def test_cagrad_without_an_active_reward_takes_no_round():
     assert weights.tolist() == [0.0, 0.0, 0.0] and balancer.metrics["balancer/qp_rounds"] == 0.0
     balancer.weights(torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)), 0)
     assert balancer.metrics["balancer/qp_rounds"] >= 1.0
+
+
+def test_pcgrad_and_cagrad_find_nothing_degenerate_in_parallel_gradients():
+    """They need no unit-diagonal Gram (no QP on the simplex of unit gradients), so a rank-one
+    Gram is an ordinary input for them: no flag and no degenerate step, unlike mgda-qp/upgrad."""
+    g = np.array([[1.0, 0.0], [2.0, 0.0], [-0.5, 1.0]])
+    for name, degenerate in (("pcgrad", 0.0), ("cagrad", 0.0), ("upgrad", 1.0), ("mgda-qp", 1.0)):
+        balancer = make(name, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            balancer.weights(torch.tensor(g @ g.T), 0)
+        assert balancer.metrics["balancer/rank_deficient"] == degenerate, name
+        assert balancer.metrics["balancer/degenerate_steps"] == degenerate, name
+
+
+def test_upgrad_defaults_and_a_step_without_active_rewards():
+    assert make("upgrad", 3).max_weight == 1000.0
+    balancer = make("upgrad", 3)
+    weights = balancer.weights(torch.eye(3, dtype=torch.float64), 0, active=torch.zeros(3, dtype=torch.bool))
+    assert weights.tolist() == [0.0] * 3
+    assert balancer.metrics["balancer/capped"] == 0.0 and balancer.metrics["balancer/qp_iterations"] == 0.0
+    tight = make("upgrad", 3, max_weight=1.0)  # upper = lower on each own weight: that is no cap
+    tight.weights(torch.ones(3, 3, dtype=torch.float64) + torch.eye(3, dtype=torch.float64), 0)
+    assert tight.metrics["balancer/capped"] == 0.0
+
+
+def test_option_messages_word_for_word():
+    assert _message(lambda: make("cagrad", 2, c=1.0)) == (
+        "balancer 'cagrad': c=1.0 must be in [0, 1) (the radius of the ball around the mean gradient, "
+        "in units of its norm; e.g. --balancer-opt c=0.4)")
+    assert _message(lambda: make("mgda-qp", 2, metric="adam-momentum", normalize="unit")) == (
+        "balancer 'mgda-qp': metric=\"adam-momentum\" works on raw gradients; use normalize=\"none\" with it")
+    with pytest.warns(RuntimeWarning, match=r"^balancer 'mgda-qp': degenerate Gram matrix \(nonfinite"):
+        make("mgda-qp", 2).weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), 0)

@@ -334,6 +334,7 @@ def test_momentum_guarantee_is_exact_with_weight_decay_anchor_and_this_steps_cli
 def test_cosine_diagnostics_match_explicit_cosines(seed, num_rewards):
     generator = torch.Generator().manual_seed(seed)
     grads = torch.randn(num_rewards, 7, generator=generator, dtype=torch.float64)
+    grads = grads * 10.0 ** torch.linspace(-3, 1, num_rewards, dtype=torch.float64)[:, None]  # norms ≪ 1 too
     weights = torch.rand(num_rewards, generator=generator, dtype=torch.float64)
     fused = weights @ grads
     expected = torch.nn.functional.cosine_similarity(grads, fused[None, :], dim=1)
@@ -516,10 +517,54 @@ class _Parts:
 def test_consistent_clip_scale_solves_its_fixed_point():
     """s = min(1, M/(a + b·s)) → b·s² + a·s − M = 0 when clipping; 1 when ‖d‖ ≤ M or M ≤ 0."""
     identity = lambda gram: gram  # noqa: E731 (λ(s) = s for the stand-in)
-    for a, b, max_norm in ((1.0, 3.0, 2.0), (0.5, 10.0, 0.1), (4.0, 0.0, 1.0)):
+    for a, b, max_norm in ((1.0, 3.0, 2.0), (0.5, 10.0, 0.1), (4.0, 0.0, 1.0), (0.1, 0.1, 0.01)):  # ‖d‖ < 1 too
         expected = max_norm / a if b == 0 else (-a + (a * a + 4 * b * max_norm) ** 0.5) / (2 * b)
         assert gram_ops.consistent_clip_scale(_Parts(a, b), max_norm, identity) == pytest.approx(expected, rel=1e-11)
     assert gram_ops.consistent_clip_scale(_Parts(1.0, 1.0), 2.0, identity) == 1.0  # exactly at the limit
     assert gram_ops.consistent_clip_scale(_Parts(0.5, 0.5), 2.0, identity) == 1.0  # under it
     assert gram_ops.consistent_clip_scale(_Parts(1.0, 3.0), 0.0, identity) == 1.0  # clipping off
     assert gram_ops.consistent_clip_scale(_Parts(0.0, 0.0), 1.0, identity) == 1.0  # a zero update
+
+
+def test_after_its_passes_the_capture_lets_an_ordinary_backward_through():
+    """Inside the capture, a plain backward after the per-reward passes carries the input
+    gradients as without the capture (the weight gradients come only from the capture's passes);
+    the anchor pass keeps the graph when asked to."""
+    net, params = lora_network()
+    x_t, x0, t, v_old, v_ref, r = nft_batch(3, 2, torch.float64)
+    coef = torch.full((2, 3), 1.0 / 3, dtype=torch.float64)
+    inputs = x_t.clone().requires_grad_(True)
+    (net(inputs) ** 2).sum().backward()
+    expected = inputs.grad.clone()
+    net.zero_grad()
+    inputs.grad = None
+    with gram_ops.LoraCapture(net, params) as capture:
+        v = net(inputs)
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0, num_samples=1)
+        gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * r, capture, extra=anchor_cotangent(v, v_ref),
+                                             retain_graph=True)
+        (v ** 2).sum().backward()  # the graph was kept
+    torch.testing.assert_close(inputs.grad, expected)
+    assert all(p.grad is None for p in params)
+
+
+def test_affine_with_one_sample_and_two_rewards():
+    """A micro-batch of one sample with two different reward coefficients: two different rows."""
+    net, params = lora_network(seed=3)
+    x_t, x0, t, v_old, _, r = nft_batch(1, 2, torch.float64, seed=3)
+    coef = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    grads, _ = affine_gradients(net, params, x_t, x0, t, v_old, r, coef, 0.1)
+    v = net(x_t)
+    exact = gram_ops.per_reward_gradients_exact(masked_losses(v, v_old, x_t, x0, t, r, coef, 0.1), params)
+    torch.testing.assert_close(grads, exact)
+
+
+def test_the_momentum_gram_before_the_first_step_includes_that_steps_weight_decay():
+    """Step t = 1 of AdamW: P = 1, m = 0, ω = (1 − β1)·wd·θ, so E = (ω + (1−β1)g_k)(ω + (1−β1)g_l)ᵀ."""
+    params, optimizer = adam_after_steps(0)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.5
+    grads = torch.randn(3, 11, dtype=torch.float64)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    shifted = 0.1 * 0.5 * theta + 0.1 * grads
+    torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum"), shifted @ shifted.T)
