@@ -435,6 +435,11 @@ def test_affine_names_the_layer_it_cannot_capture():
         message = _message(lambda: capture.gradients(v, torch.ones_like(v), torch.ones(1, 3, dtype=torch.float64)))
     assert message.startswith("--gram affine: LoRA layer 'mix.lora_B' ") and message.endswith(
         "sees a leading axis of 1 but the batch has 3 samples (the layer mixes or reshapes samples); use --gram exact")
+    mix[1].requires_grad_(False)  # train only the A factor: the message names it
+    with gram_ops.LoraCapture(net, mix[:1]) as capture:
+        v = net(torch.ones(3, 4, 2, dtype=torch.float64))
+        message = _message(lambda: capture.gradients(v, torch.ones_like(v), torch.ones(1, 3, dtype=torch.float64)))
+    assert message.startswith("--gram affine: LoRA layer 'mix.lora_A' sees a leading axis of 1")
 
 
 def _message(call) -> str:
