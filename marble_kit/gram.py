@@ -125,10 +125,11 @@ class _FactorCall:
     module: nn.Linear
     weight_slot: tuple[int, int] | None
     bias_slot: tuple[int, int] | None
+    name: str = ""  # the LoRA layer's module path and factor, e.g. "mix.lora_A"
 
     @property
     def where(self) -> str:
-        return f"{type(self.module).__name__}{tuple(self.module.weight.shape)}"
+        return repr(self.name)
 
 
 @dataclass
@@ -169,9 +170,10 @@ class LoraCapture:
     # -- recording the forward ------------------------------------------------------
     def __enter__(self) -> LoraCapture:
         refuse_cross_sample_ops(self.module)
-        factors = []
+        factors, names = [], {}
         for name, lora_a, lora_b, _scaling in iter_lora_pairs(self.module):
-            for factor in (lora_a, lora_b):
+            for factor, kind in ((lora_a, "lora_A"), (lora_b, "lora_B")):
+                names[id(factor)] = f"{name}.{kind}"
                 if type(factor) is not nn.Linear:
                     raise MarbleError(
                         f"--gram affine supports LoRA on linear layers only; {name!r} uses "
@@ -184,7 +186,8 @@ class LoraCapture:
         slots = _parameter_slots(self.params, factors)
         for factor in factors:
             call = _FactorCall(self, factor, slots.get(id(factor.weight)),
-                               slots.get(id(factor.bias)) if factor.bias is not None else None)
+                               slots.get(id(factor.bias)) if factor.bias is not None else None,
+                               names[id(factor)])
             factor.forward = _captured_forward(call)  # instance attribute: nn.Module.__call__ uses it
         self._factors = factors
         return self

@@ -13,9 +13,12 @@ torch.set_num_threads(1)
 # not a failing property); each test sets its own max_examples. The examples are derandomized
 # (the same on every run) so a clean clone passes or fails reproducibly; HYPOTHESIS_PROFILE=explore
 # draws fresh random examples for hunting.
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile("marble", deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           derandomize=True)
 settings.register_profile("explore", parent=settings.get_profile("marble"), derandomize=False)
+# `mutmut run` (pyproject.toml) only needs to know whether a property fails: no shrinking.
+settings.register_profile("mutation", parent=settings.get_profile("marble"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "marble"))

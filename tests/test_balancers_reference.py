@@ -383,3 +383,40 @@ def test_balance_serves_a_balancer_written_before_active():
     modern = make("upgrad", 3)
     torch.testing.assert_close(balance(modern, gram + torch.eye(3, dtype=torch.float64), 0),
                                make("upgrad", 3).weights(gram + torch.eye(3, dtype=torch.float64), 0))
+    # a current balancer gets the mask itself (upgrad leaves an inactive reward out of its n rows;
+    # a zeroed row would count as a zero gradient), and so does one that takes **options
+    mask = torch.tensor([True, False, True])
+    full = gram + torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(balance(make("upgrad", 3), full, 0, active=mask),
+                               make("upgrad", 3).weights(full, 0, active=mask))
+
+    class Options:
+        needs_gram = True
+
+        def weights(self, gram, step, **options):
+            self.options = options
+            return torch.ones(gram.shape[0], dtype=torch.float64)
+
+    with_options = Options()
+    assert balance(with_options, full, 0, active=mask).tolist() == [1.0, 1.0, 1.0]
+    assert with_options.options["active"] is mask
+
+
+def test_upgrad_unit_normalize_is_upgrad_of_the_unit_gradients_at_their_mean_norm():
+    """normalize="unit": UPGrad of the unit gradients ĝ_k = g_k/‖g_k‖, scaled to the mean norm:
+    d = mean‖g‖ · Σ u_k ĝ_k with u torchjd's weights for the unit Gram; a zero gradient has no
+    direction: it is left out (weight 0, not one of the n rows)."""
+    g = jacobian(5, 3, "opposing", dim=10) * np.array([[0.01], [1.0], [30.0]])
+    norms = np.linalg.norm(g, axis=1)
+    unit = (g / norms[:, None]) @ (g / norms[:, None]).T
+    expected = norms.mean() * torchjd_upgrad(unit) / norms
+    weights = make("upgrad", 3, normalize="unit", max_weight=np.inf).weights(torch.tensor(g @ g.T), 0).numpy()
+    assert relative_error(weights, expected, g) < 1e-9
+    with_zero = np.vstack([g, np.zeros((1, 10))])
+    balancer = make("upgrad", 4, normalize="unit", max_weight=np.inf)
+    weights = balancer.weights(torch.tensor(with_zero @ with_zero.T), 0).numpy()
+    assert weights[3] == 0.0
+    np.testing.assert_allclose(weights[:3], expected, rtol=1e-9)
+    assert balancer.metrics["balancer/capped"] == 0.0
+    plain = make("upgrad", 4, max_weight=np.inf)  # normalize="none": the zero gradient is a row, its share 1/n
+    assert plain.weights(torch.tensor(with_zero @ with_zero.T), 0)[3] == 0.25

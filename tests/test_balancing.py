@@ -429,3 +429,218 @@ def test_an_asymmetric_gram_is_read_as_its_symmetric_part(name, seed):
     expected = make(name, 3).weights(torch.tensor(gram), 0)
     actual = make(name, 3).weights(torch.tensor(gram + skew), 0)
     torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------- every message names its balancer
+def _message(call) -> str:
+    with pytest.raises(MarbleError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["weighted-sum", "mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+def test_every_mistake_names_the_balancer_it_was_made_with(name):
+    """A user with several runs (or a sweep) needs to know which --balancer a message is about:
+    construction, the Gram and mask of a step, and a checkpoint of another run all name it."""
+    where = f"balancer {name!r}"
+    assert _message(lambda: make(name, 0)) == f"{where}: needs at least one reward, got num_rewards=0"
+    options = {"weighted-sum": [({"weights": [1, 2, 3]}, "weights"), ({"weights": [-1, 2]}, "weights"),
+                                ({"mode": "sum"}, "mode")],
+               "mgda-qp": [({"normalize": "l2"}, "normalize"), ({"metric": "sgd"}, "metric"),
+                           ({"min_weight": 0.6}, "min_weight"),
+                           ({"metric": "adam-momentum", "normalize": "unit"}, "metric=\"adam-momentum\" works")],
+               "upgrad": [({"normalize": "l2"}, "normalize"), ({"max_weight": 0.5}, "max_weight")],
+               "pcgrad": [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"reduction": "max"}, "reduction")],
+               "cagrad": [({"c": 1.0}, "c=1.0"), ({"rescale": "yes"}, "rescale")]}
+    options["marble"] = [*options["mgda-qp"], ({"rho": 1.0}, "rho")]
+    for option, named in options[name]:
+        message = _message(lambda option=option: make(name, 2, **option))
+        assert message.startswith(f"{where}: {named}"), message
+    balancer = make(name, 2)
+    if balancer.needs_gram:
+        assert _message(lambda: balancer.weights(torch.eye(3), 0)) == (
+            f"{where}: expected a (2, 2) Gram matrix for 2 rewards, got shape (3, 3)")
+        assert _message(lambda: balancer.weights(torch.eye(2), 0, active=torch.ones(3, dtype=torch.bool))) == (
+            f"{where}: active must be a (2,) bool mask, got shape (3,)")
+        assert _message(lambda: balancer.weights(None, 0)).startswith(f"{where} needs the per-reward Gram")
+    state = balancer.state_dict()
+    for key in state:
+        missing = {k: v for k, v in state.items() if k != key}
+        assert _message(lambda missing=missing: make(name, 2).load_state_dict(missing)).startswith(
+            f"{where}: checkpoint balancer state has no {key!r}")
+        if state[key].ndim == 1 and state[key].shape[0] == 2:  # per-reward tensors: a run with other rewards
+            other = make(name, 3).state_dict()
+            assert _message(lambda other=other, key=key: make(name, 2).load_state_dict({**state, key: other[key]})) == (
+                f"{where}: checkpoint {key!r} has shape (3,) but this run expects (2,); resume with the same rewards")
+
+
+def test_mode_choices_are_listed():
+    assert _message(lambda: make("weighted-sum", 2, mode="sum")) == (
+        "balancer 'weighted-sum': mode='sum' is not one of per-reward, summed-reward")
+    assert _message(lambda: make("pcgrad", 2, reduction="max")) == (
+        "balancer 'pcgrad': reduction='max' is not one of sum, mean")
+    assert _message(lambda: make("weighted-sum", 2, weights=[1, 2, 3])) == (
+        "balancer 'weighted-sum': weights=[1, 2, 3] needs one number per reward (2), "
+        "e.g. --balancer-opt weights=[1,2,1]")
+
+
+def test_weighted_sum_takes_zero_and_fractional_weights_but_not_all_zero():
+    assert make("weighted-sum", 3, weights=[1, 0, 1]).weights(None, 0).tolist() == [0.5, 0.0, 0.5]
+    assert make("weighted-sum", 2, weights=[0.25, 0.75]).weights(None, 0).tolist() == [0.25, 0.75]
+    assert make("weighted-sum", 2, weights=[0.5, 0.5]).weights(None, 0).tolist() == [0.5, 0.5]
+    assert make("weighted-sum", 2, weights=[2, 2], mode="summed-reward").mode == "summed-reward"
+    assert _message(lambda: make("weighted-sum", 2, weights=[0, 0])) == (
+        "balancer 'weighted-sum': weights=[0, 0] must be finite, ≥ 0 and not all 0")
+
+
+def test_mgda_before_its_first_step_and_its_degenerate_counter():
+    """A fresh balancer reports uniform weights and no metrics; the counter adds up every
+    degenerate step (here: all gradients zero), in the metrics and through a checkpoint."""
+    for name in ("mgda-qp", "marble"):
+        fresh = make(name, 4)
+        assert fresh.last_weights.tolist() == [0.25] * 4 and fresh.metrics == {}
+        balancer = make(name, 2)
+        for step in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                balancer.weights(torch.zeros(2, 2), step)
+            assert balancer.metrics["balancer/degenerate_steps"] == step + 1
+        restored = make(name, 2)
+        restored.load_state_dict(balancer.state_dict())
+        assert restored.degenerate_steps == 3
+
+
+def test_marble_ema_lag_is_the_l1_gap_to_this_steps_min_norm_lambda():
+    """λ*_1 = (0.5, 0.5) for orthogonal unit gradients; with ρ = 0.5 and then λ*_2 = (0.8, 0.2)
+    (‖g_1‖ = 0.5, ‖g_2‖ = 1: λ* ∝ 1/‖g‖²) the EMA is (0.65, 0.35): lag |0.65 − 0.8| + |0.35 − 0.2| = 0.3."""
+    balancer = make("marble", 2, rho=0.5)
+    balancer.weights(torch.eye(2, dtype=torch.float64), 0)
+    assert balancer.metrics["balancer/ema_lag_l1"] == 0.0
+    balancer.weights(torch.diag(torch.tensor([0.25, 1.0], dtype=torch.float64)), 1)
+    np.testing.assert_allclose(balancer.lam.numpy(), [0.65, 0.35], atol=1e-12)
+    assert balancer.metrics["balancer/ema_lag_l1"] == pytest.approx(0.3, abs=1e-12)
+    idle = make("marble", 2)
+    idle.weights(torch.eye(2, dtype=torch.float64), 0, active=torch.zeros(2, dtype=torch.bool))
+    assert idle.metrics["balancer/ema_lag_l1"] == 0.0 and idle.ema is None
+
+
+def test_cagrad_closed_form_ends_the_solve_in_a_few_rounds():
+    """The closed form on the active set of the first QP ends CAGrad's root search: at most 4
+    QP rounds on 60 random problems (bisection alone takes ~50 to reach round-off), and its
+    answer sits on the ball: t·‖g_w‖ = c‖g0‖. Degenerate inputs take no round: c = 0 (the
+    mean), all gradients zero, and g0 = 0 (two opposite gradients: the ball is the point 0)."""
+    from marble_plugins.balancers.cagrad import cagrad_weights
+
+    rounds = []
+    for seed in range(60):
+        k = 2 + seed % 5
+        gram = random_gram(seed, k, min(k, 4), 1.0)
+        weights, used = cagrad_weights(gram, 0.4)
+        rounds.append(used)
+        w = weights - 1.0 / k  # = t·w* on the simplex
+        g0_squared = gram.sum() / k**2
+        np.testing.assert_allclose(np.sqrt(w @ gram @ w), 0.4 * np.sqrt(g0_squared), rtol=1e-9)
+        balancer = make("cagrad", k)
+        balancer.weights(torch.tensor(gram), 0)
+        assert balancer.metrics["balancer/qp_rounds"] == used
+    assert 1 <= min(rounds) and max(rounds) <= 4 and sum(rounds) <= 90, rounds
+    # norms over six orders of magnitude and a wide ball: the first active sets are often wrong,
+    # the bracket grows and shrinks before the closed form lands, still on the ball
+    for seed in range(60):
+        gram = random_gram(seed, 6, 3, 3.0)
+        weights, used = cagrad_weights(gram, 0.9)
+        w = weights - 1.0 / 6
+        assert used <= 12 and (w >= 0).all()
+        np.testing.assert_allclose(np.sqrt(w @ gram @ w), 0.9 * np.sqrt(gram.sum() / 36), rtol=1e-9)
+    opposite = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    for gram, c in [(random_gram(0, 3, 3, 0.5), 0.0), (np.zeros((2, 2)), 0.4), (opposite, 0.4)]:
+        weights, used = cagrad_weights(gram, c)
+        assert used == 0 and weights.tolist() == [1.0 / len(gram)] * len(gram)
+
+
+def test_upgrad_counts_each_capped_reward_once():
+    """Two tiny gradients that conflict with a large one: each is held at the cap 10/4 in two
+    projections (its own and the other tiny one's) on top of its own share 1/4 — two capped
+    rewards, whatever the number of projections that cap them."""
+    g = np.array([[1.0, 0, 0, 0], [-1e-4, 1e-4, 0, 0], [-1e-4, 0, 1e-4, 0], [0.5, 0, 0, 1.0]])
+    balancer = make("upgrad", 4, max_weight=10.0)
+    weights = balancer.weights(torch.tensor(g @ g.T), 0).numpy()
+    np.testing.assert_allclose(weights[1:], [5.25, 5.25, 0.25], rtol=1e-9)
+    assert weights[0] == pytest.approx(0.25, rel=1e-3)  # (plus what the tiny ones' projections ask of it)
+    assert balancer.metrics["balancer/capped"] == 2.0 and balancer.metrics["balancer/qp_iterations"] > 0
+
+
+def pcgrad_on_vectors(g: np.ndarray, orders) -> np.ndarray:
+    """The paper's Algorithm 1 on the gradient vectors themselves: Σ_i of g_i projected, in
+    order, off each g_j it conflicts with."""
+    total = np.zeros(g.shape[1])
+    for i, order in enumerate(orders):
+        projected = g[i].copy()
+        for j in order:
+            inner = projected @ g[j]
+            if inner < 0:
+                projected -= inner / (g[j] @ g[j]) * g[j]
+        total += projected
+    return total
+
+
+def test_pcgrad_balancer_is_the_papers_algorithm_on_the_vectors():
+    from marble_plugins.balancers.pcgrad import random_orders
+
+    g = np.random.default_rng(4).normal(size=(5, 7))
+    g[0] = -g[1:].sum(axis=0) * 0.6  # conflicts
+    gram = g @ g.T
+    default, zero = make("pcgrad", 5), make("pcgrad", 5, seed=0)
+    for step in range(4):
+        weights = default.weights(torch.tensor(gram), step).numpy()
+        np.testing.assert_allclose(weights @ g, pcgrad_on_vectors(g, random_orders(5, 0, step)), rtol=1e-10, atol=1e-12)
+        assert torch.equal(zero.weights(torch.tensor(gram), step), torch.tensor(weights))
+    active = torch.tensor([True, False, True, True, True])
+    masked = make("pcgrad", 5, reduction="mean").weights(torch.tensor(gram), 2, active=active).numpy()
+    sub = g[active.numpy()]
+    np.testing.assert_allclose(masked[active.numpy()] @ sub, pcgrad_on_vectors(sub, random_orders(4, 0, 2)) / 4,
+                               rtol=1e-10, atol=1e-12)
+    assert masked[1] == 0.0
+
+
+def test_cagrad_without_an_active_reward_takes_no_round():
+    balancer = make("cagrad", 3)
+    weights = balancer.weights(torch.eye(3, dtype=torch.float64), 0, active=torch.zeros(3, dtype=torch.bool))
+    assert weights.tolist() == [0.0, 0.0, 0.0] and balancer.metrics["balancer/qp_rounds"] == 0.0
+    balancer.weights(torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)), 0)
+    assert balancer.metrics["balancer/qp_rounds"] >= 1.0
+
+
+def test_pcgrad_and_cagrad_find_nothing_degenerate_in_parallel_gradients():
+    """They need no unit-diagonal Gram (no QP on the simplex of unit gradients), so a rank-one
+    Gram is an ordinary input for them: no flag and no degenerate step, unlike mgda-qp/upgrad."""
+    g = np.array([[1.0, 0.0], [2.0, 0.0], [-0.5, 1.0]])
+    for name, degenerate in (("pcgrad", 0.0), ("cagrad", 0.0), ("upgrad", 1.0), ("mgda-qp", 1.0)):
+        balancer = make(name, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            balancer.weights(torch.tensor(g @ g.T), 0)
+        assert balancer.metrics["balancer/rank_deficient"] == degenerate, name
+        assert balancer.metrics["balancer/degenerate_steps"] == degenerate, name
+
+
+def test_upgrad_defaults_and_a_step_without_active_rewards():
+    assert make("upgrad", 3).max_weight == 1000.0
+    balancer = make("upgrad", 3)
+    weights = balancer.weights(torch.eye(3, dtype=torch.float64), 0, active=torch.zeros(3, dtype=torch.bool))
+    assert weights.tolist() == [0.0] * 3
+    assert balancer.metrics["balancer/capped"] == 0.0 and balancer.metrics["balancer/qp_iterations"] == 0.0
+    tight = make("upgrad", 3, max_weight=1.0)  # upper = lower on each own weight: that is no cap
+    tight.weights(torch.ones(3, 3, dtype=torch.float64) + torch.eye(3, dtype=torch.float64), 0)
+    assert tight.metrics["balancer/capped"] == 0.0
+
+
+def test_option_messages_word_for_word():
+    assert _message(lambda: make("cagrad", 2, c=1.0)) == (
+        "balancer 'cagrad': c=1.0 must be in [0, 1) (the radius of the ball around the mean gradient, "
+        "in units of its norm; e.g. --balancer-opt c=0.4)")
+    assert _message(lambda: make("mgda-qp", 2, metric="adam-momentum", normalize="unit")) == (
+        "balancer 'mgda-qp': metric=\"adam-momentum\" works on raw gradients; use normalize=\"none\" with it")
+    with pytest.warns(RuntimeWarning, match=r"^balancer 'mgda-qp': degenerate Gram matrix \(nonfinite"):
+        make("mgda-qp", 2).weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), 0)

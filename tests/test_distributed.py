@@ -8,6 +8,7 @@ history and weights; ``collectives`` checks the Distributed reductions between r
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,9 +126,10 @@ def refuse() -> None:
     raise MarbleError("run directory is taken")
 
 
-def collectives_worker(out_dir: str) -> None:
-    """Every Distributed helper between real processes; results to OUT/rank<R>.json."""
-    dist = Distributed.from_environment()
+def collectives_worker(out_dir: str, dist: Distributed | None = None) -> None:
+    """Every Distributed helper between real processes (or the threads of
+    :class:`ThreadedCollectives`); results to OUT/rank<R>.json."""
+    dist = dist or Distributed.from_environment()
     rank, world = dist.rank, dist.world_size
     rewards = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * rank  # K=2, B=3 per rank
     gathered, groups = dist.gather_rewards(rewards, torch.tensor([0, 0, 1]))
@@ -255,13 +258,339 @@ def test_tensors_digest_sees_every_bit():
     assert tensors_digest([torch.ones(4)]) != tensors_digest([torch.ones(2, 2)])  # shape counts
 
 
+class ThreadedCollectives:
+    """Stands in for ``torch.distributed`` in-process: each rank is a thread, and every collective
+    is an exchange of the ranks' inputs through shared slots (the same semantics as gloo's).
+    ``fail`` makes every collective raise the RuntimeError a backend raises on a timeout."""
+
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, world: int):
+        self.world = world
+        self.slots: list = [None] * world
+        self.turnstile = threading.Barrier(world, timeout=30)
+        self.local = threading.local()
+        self.fail: str | None = None
+        self.destroyed = 0
+
+    def _exchange(self, value):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.slots[self.local.rank] = value
+        self.turnstile.wait()
+        values = list(self.slots)
+        self.turnstile.wait()
+        return values
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def all_gather(self, pieces, tensor):
+        for piece, value in zip(pieces, self._exchange(tensor.clone())):
+            piece.copy_(value)
+
+    def all_reduce(self, tensor, op):
+        values = torch.stack(self._exchange(tensor.clone()))
+        reductions = {self.ReduceOp.SUM: lambda: values.sum(0), self.ReduceOp.MAX: lambda: values.amax(0)}
+        tensor.copy_(reductions[op]())
+
+    def broadcast(self, tensor, src):
+        tensor.copy_(self._exchange(tensor.clone())[src])
+
+    def all_gather_object(self, gathered, value):
+        gathered[:] = self._exchange(value)
+
+    def broadcast_object_list(self, box, src):
+        box[:] = self._exchange(list(box))[src]
+
+    def barrier(self):
+        self._exchange(None)
+
+    def destroy_process_group(self):
+        self.destroyed += 1
+
+    def run(self, work) -> list:
+        """``work(rank)`` on every rank at once; the ranks' results (or the first error)."""
+        results, errors = [None] * self.world, []
+
+        def rank_thread(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = work(rank)
+            except BaseException as exc:
+                errors.append(exc)
+                self.turnstile.abort()
+
+        threads = [threading.Thread(target=rank_thread, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    import marble_kit.distributed as distributed_module
+
+    collectives = ThreadedCollectives(2)
+    monkeypatch.setattr(distributed_module, "torch_dist", collectives)
+    return collectives
+
+
+def test_collectives_between_two_ranks_in_threads(threaded, tmp_path):
+    """The two-process check of test_collectives_between_two_processes, on two threads."""
+    threaded.run(lambda rank: collectives_worker(str(tmp_path), Distributed(rank=rank, world_size=2)))
+    check_collectives([json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)])
+    assert threaded.destroyed == 2  # close() left the process group on every rank
+
+
+def test_reductions_leave_their_inputs_alone_and_keep_devices_and_dtypes(threaded):
+    def work(rank):
+        dist = Distributed(rank=rank, world_size=2)
+        found = []
+        for transpose in (True, False):  # a strided view, and a contiguous tensor (no copy needed)
+            mine = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64) * (rank + 1)
+            mine = mine.t() if transpose else mine
+            found.append((mine, dist.all_reduce_mean(mine), dist.broadcast_from_main(mine), transpose))
+        return found
+
+    for rank, found in enumerate(threaded.run(work)):
+        for mine, mean, main, transpose in found:
+            base = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+            base = base.t() if transpose else base
+            assert torch.equal(mine, base * (rank + 1))
+            assert torch.equal(mean, base * 1.5) and torch.equal(main, base)
+            assert mean.dtype == main.dtype == torch.float64
+
+
+def test_gathered_groups_stay_whole_and_unique_with_more_groups_per_rank(threaded):
+    def work(rank):
+        dist = Distributed(rank=rank, world_size=2)
+        rewards = torch.arange(8.0).view(1, 8) + 100 * rank
+        gathered, groups = dist.gather_rewards(rewards, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        return gathered, groups, dist.local_rows(gathered)
+
+    for rank, (gathered, groups, local) in enumerate(threaded.run(work)):
+        assert gathered.tolist() == [list(range(8)) + list(range(100, 108))]
+        assert groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+        assert torch.equal(local, torch.arange(8.0).view(1, 8) + 100 * rank)
+
+
+def test_gradient_mean_over_ranks_fills_missing_grads_and_keeps_shapes(threaded):
+    def work(rank):
+        params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
+                  torch.nn.Parameter(torch.zeros(1))]
+        params[0].grad = torch.arange(6.0).view(2, 3) * (rank + 1)
+        if rank == 1:
+            params[1].grad = torch.full((4,), 8.0)
+        params[2].grad = torch.tensor([float(rank)])
+        Distributed(rank=rank, world_size=2).all_reduce_mean_grads(params)
+        return [p.grad.clone() for p in params]
+
+    for grads in threaded.run(work):
+        assert torch.equal(grads[0], torch.arange(6.0).view(2, 3) * 1.5)
+        assert torch.equal(grads[1], torch.full((4,), 4.0))
+        assert torch.equal(grads[2], torch.tensor([0.5]))
+
+
+def test_agreement_and_errors_reach_every_rank(threaded):
+    def work(rank):
+        dist = Distributed(rank=rank, world_size=2)
+        found = {"any": [dist.any(rank == 0), dist.any(False), dist.any(True)],
+                 "objects": dist.gather_objects({"rank": rank})}
+        dist.barrier()
+        with pytest.raises(MarbleError) as info:
+            dist.check_same([7, rank], "the prompt sizes", "use the same --prompts")
+        found["error"] = str(info.value)
+        dist.check_same("same", "a constant", "never raised")
+        calls = []
+        found["main"] = dist.run_on_main(lambda: calls.append(rank) or "done")
+        found["calls"] = calls
+        return found
+
+    for found in threaded.run(work):
+        assert found["any"] == [True, False, True]
+        assert found["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert found["error"] == ("the prompt sizes differs between rank 0 ([7, 0]) and rank 1 ([7, 1]); "
+                                  "use the same --prompts")
+    assert [f["main"] for f in threaded.run(work)] == ["done", None]
+    assert [f["calls"] for f in threaded.run(work)] == [[0], []]
+
+
+def test_a_failed_collective_is_a_collective_error_naming_it(threaded):
+    threaded.fail = "Connection closed by peer\n  C++ trace line 1\n  C++ trace line 2"
+    dist = Distributed(rank=1, world_size=2)
+    threaded.local.rank = 1
+    for call, name in [(lambda: dist.all_reduce_mean(torch.ones(2)), "all_reduce"),
+                       (lambda: dist.gather_rewards(torch.ones(1, 2), torch.tensor([0, 0])), "all_gather"),
+                       (lambda: dist.broadcast_from_main(torch.ones(1)), "broadcast"),
+                       (lambda: dist.any(True), "all_reduce"),
+                       (dist.barrier, "barrier"),
+                       (lambda: dist.gather_objects(1), "all_gather_object"),
+                       (lambda: dist.run_on_main(lambda: 1), "broadcast_object_list")]:
+        with pytest.raises(CollectiveError) as info:
+            call()
+        assert str(info.value) == f"{name} failed: Connection closed by peer", name
+        assert isinstance(info.value.__cause__, RuntimeError)
+    threaded.fail = "x" * 500
+    with pytest.raises(CollectiveError) as info:
+        dist.barrier()
+    assert str(info.value) == "barrier failed: " + "x" * 300
+    threaded.fail = None
+
+    class Sharded:
+        def consolidate_state_dict(self, to):
+            raise RuntimeError("") if to == 0 else AssertionError(to)
+
+    with pytest.raises(CollectiveError, match="^consolidate_state_dict failed: RuntimeError$"):
+        dist.consolidate_optimizer(Sharded())
+
+
+def test_joining_the_process_group_from_the_launchers_environment(monkeypatch):
+    import marble_kit.distributed as distributed_module
+
+    joined = []
+
+    class Launched:
+        initialized = False
+
+        def is_initialized(self):
+            return self.initialized
+
+        def init_process_group(self, backend, timeout):
+            joined.append((backend, timeout))
+            self.initialized = True
+
+        def get_rank(self):
+            return 3
+
+        def get_world_size(self):
+            return 4
+
+    monkeypatch.setattr(distributed_module, "torch_dist", Launched())
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MARBLE_DIST_TIMEOUT", "75")
+    dist = Distributed.from_environment()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.device) == (3, 4, 1, torch.device("cpu"))
+    assert joined == [("gloo", datetime.timedelta(seconds=75))] and not dist.is_main and dist.active
+    Distributed.from_environment(timeout_s=5)  # already joined: not again
+    assert len(joined) == 1
+    distributed_module.torch_dist.initialized = False
+    monkeypatch.delenv("LOCAL_RANK")
+    assert Distributed.from_environment(backend="gloo", timeout_s=5).local_rank == 0
+    assert joined[-1] == ("gloo", datetime.timedelta(seconds=5))
+    with pytest.raises(MarbleError, match=r"LOCAL_RANK 0 but only 0 GPUs are visible"):
+        Distributed.from_environment(backend="nccl")  # this machine has no GPU
+    distributed_module.torch_dist.initialized = False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Distributed.from_environment(timeout_s=5).active
+    for world in ("1", "0"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert Distributed.from_environment() == Distributed()
+
+
+def test_with_gpus_each_rank_joins_over_nccl_on_its_own_gpu(monkeypatch):
+    """A machine with two GPUs, simulated: torch's CUDA queries answered, the device switch recorded."""
+    import marble_kit.distributed as distributed_module
+
+    calls = []
+
+    class Launched:
+        def is_initialized(self):
+            return False
+
+        def init_process_group(self, backend, timeout):
+            calls.append(("join", backend))
+
+        def get_rank(self):
+            return 1
+
+        def get_world_size(self):
+            return 2
+
+    monkeypatch.setattr(distributed_module, "torch_dist", Launched())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = Distributed.from_environment(timeout_s=5)
+    assert calls == [("set_device", 1), ("join", "nccl")]
+    assert (dist.rank, dist.local_rank, dist.device) == (1, 1, torch.device("cuda", 1))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert _raised(lambda: Distributed.from_environment(timeout_s=5)) == (
+        "LOCAL_RANK 2 but only 2 GPUs are visible; start at most one process per GPU (--nproc-per-node)")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert Distributed.from_environment(backend="gloo", timeout_s=5).device == torch.device("cpu")
+
+
+def _raised(call) -> str:
+    with pytest.raises(MarbleError) as info:
+        call()
+    return str(info.value)
+
+
+def test_timeouts_below_a_second_are_allowed_and_a_wrong_device_is_named(monkeypatch):
+    monkeypatch.setenv("MARBLE_DIST_TIMEOUT", "0.5")
+    assert timeout_from_environment() == 0.5
+    rank3 = Distributed(rank=3, world_size=8, local_rank=3, device=torch.device("cuda", 3))
+    assert _raised(lambda: rank3.check_device(torch.device("cuda", 0))) == (
+        "rank 3 (LOCAL_RANK 3) was told to train on cuda:0; leave the policy option `device` unset "
+        "(or 'cuda') under torchrun/accelerate so that each rank uses its own GPU")
+
+
+def test_a_collective_failure_ends_the_process_in_one_line(monkeypatch, capsys):
+    exits = []
+
+    def leave(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", leave)
+    with pytest.raises(SystemExit):
+        Distributed(rank=1, world_size=2).exit_after_collective_failure(
+            CollectiveError("all_reduce failed: timed out\nmore"), code=4)
+    assert capsys.readouterr().err == (
+        "error: rank 1: all_reduce failed: timed out; another rank failed or stopped responding; "
+        "see its log, or raise MARBLE_DIST_TIMEOUT if rank 0 needs longer for checkpoints\n")
+    with pytest.raises(SystemExit):
+        Distributed(rank=0, world_size=2).exit_after_collective_failure(CollectiveError("barrier failed: x"))
+    assert exits == [4, 1]
+
+
+def test_closing_leaves_only_a_joined_group(threaded):
+    Distributed().close()
+    assert threaded.destroyed == 0  # one process: nothing to leave
+    Distributed(rank=0, world_size=2).close()
+    assert threaded.destroyed == 1
+    threaded.is_initialized = lambda: False
+    Distributed(rank=0, world_size=2).close()
+    assert threaded.destroyed == 1
+
+
+def test_tensors_digest_reads_values_not_layout():
+    base = torch.arange(6.0).view(2, 3)
+    assert tensors_digest([base.t()]) == tensors_digest([base.t().contiguous()])
+    assert len(tensors_digest([base])) == 16
+    assert tensors_digest([base]) != tensors_digest([base.double()])  # dtype counts
+    assert tensors_digest([base[:1], base[1:]]) != tensors_digest([base[1:], base[:1]])  # order counts
+
+
 # ======================================================================= launched tests
 
 @pytest.mark.slow
 def test_collectives_between_two_processes(tmp_path):
     done, _ = torchrun(["collectives", str(tmp_path)], timeout=90)
     assert done.returncode == 0, output(done)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    check_collectives([json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)])
+
+
+def check_collectives(results: list[dict]) -> None:
+    """What collectives_worker must find on ranks 0 and 1 of two."""
     expected_gathered = [[0, 1, 2, 10, 11, 12], [3, 4, 5, 13, 14, 15]]
     for rank, result in enumerate(results):
         assert (result["rank"], result["world"]) == (rank, 2)

@@ -53,8 +53,8 @@ def lora_network(seed: int = 0, dtype=torch.float64, batch_norm: bool = False, b
     net = inject_adapter_in_model(config, net).to(dtype)
     for name, param in net.named_parameters():
         param.requires_grad_("lora_" in name)
-        if "lora_B" in name and param.ndim == 2:
-            nn.init.normal_(param, std=0.2)  # peft starts B at 0; make every path non-trivial
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.2)  # peft starts B (and its bias) at 0; make every path non-trivial
     return net, [p for p in net.parameters() if p.requires_grad]
 
 
@@ -334,6 +334,7 @@ def test_momentum_guarantee_is_exact_with_weight_decay_anchor_and_this_steps_cli
 def test_cosine_diagnostics_match_explicit_cosines(seed, num_rewards):
     generator = torch.Generator().manual_seed(seed)
     grads = torch.randn(num_rewards, 7, generator=generator, dtype=torch.float64)
+    grads = grads * 10.0 ** torch.linspace(-3, 1, num_rewards, dtype=torch.float64)[:, None]  # norms ≪ 1 too
     weights = torch.rand(num_rewards, generator=generator, dtype=torch.float64)
     fused = weights @ grads
     expected = torch.nn.functional.cosine_similarity(grads, fused[None, :], dim=1)
@@ -352,3 +353,223 @@ def test_cosines_of_zero_vectors_are_zero():
     diagnostics = gram_ops.cosine_diagnostics(gram_ops.gram_matrix(grads), torch.tensor([0.0, 1.0]))
     assert diagnostics["cos"].tolist() == [0.0, 0.0]
     assert gram_ops.update_cosines(grads, torch.zeros(2)).tolist() == [0.0, 0.0]
+
+
+def test_exact_rows_of_constant_and_partial_losses_and_the_graph_is_freed():
+    """A loss that does not depend on the parameters is a zero row in its place (the later
+    losses still get theirs); a loss that reaches only some parameters has zeros for the others;
+    the graph is freed after the last loss (memory), not before."""
+    net, params = lora_network()
+    x_t = nft_batch(2, 1, torch.float64)[0]
+    v = net(x_t)
+    first = (v ** 2).sum()
+    only_in = sum((p ** 2).sum() for p in params[:2])  # reaches the first two factors only
+    grads = gram_ops.per_reward_gradients_exact([torch.tensor(3.0), first, only_in, torch.tensor(1.0)], params)
+    assert grads.shape == (4, gram_ops.flat_size(params)) and grads.dtype == torch.float64
+    assert not grads[0].any() and not grads[3].any()
+    net.zero_grad()
+    (v ** 2).sum().backward(retain_graph=True)
+    torch.testing.assert_close(grads[1], torch.cat([p.grad.reshape(-1) for p in params]))
+    size = params[0].numel() + params[1].numel()
+    torch.testing.assert_close(grads[2, :size], 2 * torch.cat([p.detach().reshape(-1) for p in params[:2]]))
+    assert not grads[2, size:].any()
+    last = (v ** 3).sum()
+    gram_ops.per_reward_gradients_exact([last], params)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        last.backward()
+
+
+def test_affine_frees_the_graph_after_its_last_pass_and_its_messages():
+    net, params = lora_network()
+    x_t, x0, t, v_old, v_ref, r = nft_batch(2, 2, torch.float64)
+    coef = torch.full((2, 2), 0.5, dtype=torch.float64)
+    for extra in (None, True):
+        with gram_ops.LoraCapture(net, params) as capture:
+            v = net(x_t)
+            U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0, num_samples=1)
+            anchor = anchor_cotangent(v, v_ref) if extra else None
+            gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * r, capture, extra=anchor)
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                v.sum().backward()
+    with gram_ops.LoraCapture(net, params) as capture:
+        v = net(x_t)
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0, num_samples=1)
+        assert _message(lambda: gram_ops.per_reward_gradients_affine(v, U[:1], W, coef, coef, capture)) == (
+            "--gram affine: cotangents U (1, 6, 8) and W (2, 6, 8) must have the output's shape (2, 6, 8)")
+        assert _message(lambda: gram_ops.per_reward_gradients_affine(v, U, W[:1], coef, coef, capture)) == (
+            "--gram affine: cotangents U (2, 6, 8) and W (1, 6, 8) must have the output's shape (2, 6, 8)")
+        assert _message(lambda: gram_ops.per_reward_gradients_affine(v, U, W, coef, coef[:1], capture)) == (
+            "--gram affine: coefficient shapes differ: (2, 2) vs (1, 2)")
+        assert _message(lambda: capture.gradients(v, U[:, :3], coef)) == (
+            "--gram affine: cotangent (2, 3, 8) must have the output's shape (2, 6, 8)")
+        assert _message(lambda: capture.gradients(v, U, coef * float("nan"))) == (
+            "--gram affine: per-sample coefficients contain NaN/inf (reward probabilities must be finite; "
+            "marble_kit.advantages gives r = 0.5 for NaN rewards)")
+    assert _message(lambda: gram_ops.LoraCapture(TinyDiT(), []).__enter__()) == (
+        "--gram affine found no active trainable LoRA layer in the policy; use --gram exact for full fine-tuning")
+
+
+class ConvAndMixer(nn.Module):
+    """A LoRA conv (not a linear factor) and a linear layer that sees all samples as one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.mix(self.conv(x).reshape(1, -1, 4)).reshape(x.shape[0], -1, 4)
+
+
+def test_affine_names_the_layer_it_cannot_capture():
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["conv", "mix"])
+    net = inject_adapter_in_model(config, ConvAndMixer()).double()
+    conv = [p for n, p in net.named_parameters() if "lora_" in n and "conv" in n]
+    assert _message(lambda: gram_ops.LoraCapture(net, conv).__enter__()) == (
+        "--gram affine supports LoRA on linear layers only; 'conv' uses Conv1d; use --gram exact")
+    for param in conv:
+        param.requires_grad_(False)  # only the mixer's LoRA is trained now
+    mix = [p for n, p in net.named_parameters() if "lora_" in n and "mix" in n]
+    with gram_ops.LoraCapture(net, mix) as capture:
+        v = net(torch.ones(3, 4, 2, dtype=torch.float64))
+        message = _message(lambda: capture.gradients(v, torch.ones_like(v), torch.ones(1, 3, dtype=torch.float64)))
+    assert message.startswith("--gram affine: LoRA layer 'mix.lora_B' ") and message.endswith(
+        "sees a leading axis of 1 but the batch has 3 samples (the layer mixes or reshapes samples); use --gram exact")
+    mix[1].requires_grad_(False)  # train only the A factor: the message names it
+    with gram_ops.LoraCapture(net, mix[:1]) as capture:
+        v = net(torch.ones(3, 4, 2, dtype=torch.float64))
+        message = _message(lambda: capture.gradients(v, torch.ones_like(v), torch.ones(1, 3, dtype=torch.float64)))
+    assert message.startswith("--gram affine: LoRA layer 'mix.lora_A' sees a leading axis of 1")
+
+
+def _message(call) -> str:
+    with pytest.raises(MarbleError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_write_flat_grad_overwrites_by_default_in_the_parameters_dtype():
+    _, params = lora_network(dtype=torch.float32)
+    flat = torch.linspace(-1, 1, gram_ops.flat_size(params), dtype=torch.float64)
+    gram_ops.write_flat_grad(params, flat)
+    gram_ops.write_flat_grad(params, 2 * flat)  # a later step's gradient replaces the first
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), (2 * flat).float())
+
+
+def test_amsgrad_uses_the_running_maximum_after_one_step_and_after_the_gradients_shrink():
+    """After one step the preconditioner is Adam's (not the identity of step 0); with amsgrad,
+    once the gradients shrink, v̂ is the running maximum (not the current average)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    for amsgrad, steps in ((False, 1), (True, 6)):
+        optimizer = torch.optim.Adam(params, lr=1e-2, amsgrad=amsgrad)
+        for step in range(steps):
+            params[0].grad = torch.full((5,), 10.0 if step == 0 else 0.01, dtype=torch.float64)
+            optimizer.step()
+        state = optimizer.state[params[0]]
+        second = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+        assert not amsgrad or (second > state["exp_avg_sq"]).all()
+        precond = 1.0 / ((second / (1 - 0.999 ** steps)).sqrt() + 1e-8)
+        grads = torch.randn(2, 5, dtype=torch.float64)
+        torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params), (grads * precond) @ grads.T)
+        anchor = torch.randn(5, dtype=torch.float64)
+        parts = gram_ops.adam_momentum_parts(grads, optimizer, params, anchor)
+        torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum", anchor=anchor),
+                                   parts.gram())
+        shifted = 0.9 * state["exp_avg"] + 0.1 * (grads + anchor)
+        torch.testing.assert_close(parts.gram(), (shifted * precond) @ shifted.T)
+        lam = torch.tensor([0.25, 0.75], dtype=torch.float64)
+        assert parts.fused_norm(lam) == pytest.approx(float((lam @ (grads + anchor)).norm()), rel=1e-12)
+        assert parts.fused_norm(lam * 0) == 0.0
+
+
+def test_metric_gram_and_adam_state_messages():
+    params, optimizer = adam_after_steps(1)
+    grads = torch.randn(2, 11, dtype=torch.float64)
+    assert _message(lambda: gram_ops.metric_gram(grads, torch.optim.SGD(params, lr=0.1), params)) == (
+        "the Adam-metric Gram needs torch.optim.Adam or AdamW, got SGD; use metric=\"euclidean\"")
+    assert _message(lambda: gram_ops.metric_gram(grads, optimizer, params, "sgd")) == (
+        "unknown Gram metric 'sgd'; use euclidean, adam or adam-momentum")
+    assert _message(lambda: gram_ops.metric_gram(grads, None, params, "adam")) == "the 'adam' Gram needs the optimizer"
+    stranger = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    assert _message(lambda: gram_ops.metric_gram(torch.zeros(2, 13, dtype=torch.float64), optimizer,
+                                                 [*params, stranger])) == (
+        "the Adam-metric Gram: a trainable parameter is not in the optimizer")
+    net, lora = lora_network(batch_norm=True)
+    assert _message(lambda: gram_ops.refuse_cross_sample_ops(net)).endswith(
+        "normalizes over the batch (batch-norm in training mode); use --gram exact or put that layer in eval mode")
+    net.eval()
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    assert _message(lambda: gram_ops.LoraCapture(net, [*lora, extra]).__enter__()).endswith(
+        "is not an active LoRA factor of the policy; train only LoRA weights or use --gram exact")
+
+
+class _Parts:
+    """A stand-in for MomentumGramParts whose fused norm is a + b·s at clip factor s."""
+
+    def __init__(self, a: float, b: float):
+        self.a, self.b = a, b
+
+    def gram(self, scale):
+        return scale
+
+    def fused_norm(self, scale):
+        return self.a + self.b * scale
+
+
+def test_consistent_clip_scale_solves_its_fixed_point():
+    """s = min(1, M/(a + b·s)) → b·s² + a·s − M = 0 when clipping; 1 when ‖d‖ ≤ M or M ≤ 0."""
+    identity = lambda gram: gram  # noqa: E731 (λ(s) = s for the stand-in)
+    for a, b, max_norm in ((1.0, 3.0, 2.0), (0.5, 10.0, 0.1), (4.0, 0.0, 1.0), (0.1, 0.1, 0.01)):  # ‖d‖ < 1 too
+        expected = max_norm / a if b == 0 else (-a + (a * a + 4 * b * max_norm) ** 0.5) / (2 * b)
+        assert gram_ops.consistent_clip_scale(_Parts(a, b), max_norm, identity) == pytest.approx(expected, rel=1e-11)
+    assert gram_ops.consistent_clip_scale(_Parts(1.0, 1.0), 2.0, identity) == 1.0  # exactly at the limit
+    assert gram_ops.consistent_clip_scale(_Parts(0.5, 0.5), 2.0, identity) == 1.0  # under it
+    assert gram_ops.consistent_clip_scale(_Parts(1.0, 3.0), 0.0, identity) == 1.0  # clipping off
+    assert gram_ops.consistent_clip_scale(_Parts(0.0, 0.0), 1.0, identity) == 1.0  # a zero update
+
+
+def test_after_its_passes_the_capture_lets_an_ordinary_backward_through():
+    """Inside the capture, a plain backward after the per-reward passes carries the input
+    gradients as without the capture (the weight gradients come only from the capture's passes);
+    the anchor pass keeps the graph when asked to."""
+    net, params = lora_network()
+    x_t, x0, t, v_old, v_ref, r = nft_batch(3, 2, torch.float64)
+    coef = torch.full((2, 3), 1.0 / 3, dtype=torch.float64)
+    inputs = x_t.clone().requires_grad_(True)
+    (net(inputs) ** 2).sum().backward()
+    expected = inputs.grad.clone()
+    net.zero_grad()
+    inputs.grad = None
+    with gram_ops.LoraCapture(net, params) as capture:
+        v = net(inputs)
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, 1.0, num_samples=1)
+        gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * r, capture, extra=anchor_cotangent(v, v_ref),
+                                             retain_graph=True)
+        (v ** 2).sum().backward()  # the graph was kept
+    torch.testing.assert_close(inputs.grad, expected)
+    assert all(p.grad is None for p in params)
+
+
+def test_affine_with_one_sample_and_two_rewards():
+    """A micro-batch of one sample with two different reward coefficients: two different rows."""
+    net, params = lora_network(seed=3)
+    x_t, x0, t, v_old, _, r = nft_batch(1, 2, torch.float64, seed=3)
+    coef = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    grads, _ = affine_gradients(net, params, x_t, x0, t, v_old, r, coef, 0.1)
+    v = net(x_t)
+    exact = gram_ops.per_reward_gradients_exact(masked_losses(v, v_old, x_t, x0, t, r, coef, 0.1), params)
+    torch.testing.assert_close(grads, exact)
+
+
+def test_the_momentum_gram_before_the_first_step_includes_that_steps_weight_decay():
+    """Step t = 1 of AdamW: P = 1, m = 0, ω = (1 − β1)·wd·θ, so E = (ω + (1−β1)g_k)(ω + (1−β1)g_l)ᵀ."""
+    params, optimizer = adam_after_steps(0)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.5
+    grads = torch.randn(3, 11, dtype=torch.float64)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    shifted = 0.1 * 0.5 * theta + 0.1 * grads
+    torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum"), shifted @ shifted.T)

@@ -186,3 +186,61 @@ def test_losses_against_hand_computed_values():
     assert nft_loss_per_sample(*args).item() == pytest.approx(0.7, rel=1e-12)
     # the anchor: mean over elements, then over samples
     assert anchor_loss(one(1.0), one(0.5)).item() == pytest.approx(0.25)
+
+
+def test_the_loss_and_its_cotangents_keep_the_velocity_dtype():
+    """A float32 (or bf16) policy with float64 timesteps and reward probabilities: the losses and
+    U, W come out in the velocity's dtype, as the policy's backward expects."""
+    v, v_old, x_t, x0, t = (x.detach().float() for x in _batch(2))
+    t, r = t.double(), torch.linspace(0, 1, v.shape[0], dtype=torch.float64)
+    assert nft_loss_per_sample(v, v_old, x_t, x0, t, r, 0.5).dtype == torch.float32
+    assert velocity_loss_per_sample(v, v_old, x_t, x0, t, r, 0.5).dtype == torch.float32
+    assert all(c.dtype == torch.float32 for c in nft_cotangents(v, v_old, x_t, x0, t, 0.5))
+
+
+def test_cotangents_of_a_single_row_micro_batch():
+    """micro_batch = 1: one row, its share 1/N of the loss's mean."""
+    v, v_old, x_t, x0, t = _batch(4, batch=5)
+    r = torch.rand(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (full,) = torch.autograd.grad(nft_loss_per_sample(v, v_old, x_t, x0, t, r, 0.3).mean(), v)
+    U, W = nft_cotangents(v[2:3], v_old[2:3], x_t[2:3], x0[2:3], t[2:3], 0.3, num_samples=5)
+    assert torch.allclose(U + r[2] * W, full[2:3], rtol=1e-9)
+    U1, W1 = nft_cotangents(v[2:3], v_old[2:3], x_t[2:3], x0[2:3], t[2:3], 0.3)
+    assert torch.allclose(U1, 5 * U, rtol=1e-12) and torch.allclose(W1, 5 * W, rtol=1e-12)
+    (expected,) = torch.autograd.grad(anchor_loss(v[2:3], v_old[2:3]), v)
+    assert torch.allclose(anchor_cotangent(v[2:3], v_old[2:3]), expected[2:3])
+
+
+def test_anchor_of_a_micro_batch_is_its_share_of_the_global_mean():
+    v, v_ref, *_ = _batch(8, batch=6)
+    per_sample = (v - v_ref).pow(2).mean(dim=(1, 2, 3))
+    share = anchor_loss(v[:2], v_ref[:2], num_samples=6)
+    assert torch.allclose(share, per_sample[:2].sum() / 6, rtol=1e-12)
+    (expected,) = torch.autograd.grad(share, v)
+    assert torch.allclose(anchor_cotangent(v[:2], v_ref[:2], num_samples=6), expected[:2], rtol=1e-12)
+
+
+def test_row_coefficients_and_fused_weights_by_hand():
+    """n_k = 1, 2, 0 judged rows (of 3) with scale 2 (two ranks); then weights whose row weight
+    c_i is exactly 1 on one row."""
+    judged = torch.tensor([[True, False, False], [True, True, False], [False, False, False]])
+    coef = reward_row_coefficients(judged, judged.sum(1), scale=2.0)
+    assert coef.tolist() == [[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    r = torch.tensor([[0.8, 0.3, 0.5], [0.2, 0.6, 0.5], [0.9, 0.9, 0.9]])
+    c, r_eff = fused_row_weights(torch.tensor([0.25, 0.5, 1.0]), coef, r)
+    # row 0: c = 0.25·2 + 0.5·1 = 1, r_eff = (0.5·0.8 + 0.5·0.2)/1; row 1: c = 0.5, r_eff = 0.6
+    assert c.tolist() == [1.0, 0.5, 0.0]
+    assert torch.allclose(r_eff, torch.tensor([0.5, 0.6, 0.5], dtype=torch.float64), rtol=1e-7)
+
+
+def test_losses_follow_the_device_of_their_inputs():
+    """Meta tensors stand in for a GPU: nothing is created on the CPU on the way."""
+    v, v_old, x_t, x0, t = (x.detach().to("meta") for x in _batch(1))
+    r = torch.zeros(v.shape[0], dtype=torch.float64, device="meta")
+    U, W = affine_cotangents_autograd(
+        lambda out, rr: velocity_loss_per_sample(out, v_old, x_t, x0, t, rr, 0.5).mean(), v)
+    assert U.device.type == W.device.type == "meta"
+    judged = torch.ones(2, v.shape[0], dtype=torch.bool, device="meta")
+    coef = reward_row_coefficients(judged, torch.full((2,), v.shape[0], device="meta"))
+    c, r_eff = fused_row_weights(torch.tensor([0.5, 0.5]), coef, torch.stack([r, r]))
+    assert c.device.type == r_eff.device.type == "meta"

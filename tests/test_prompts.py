@@ -306,3 +306,120 @@ def test_each_pass_over_a_set_draws_a_fresh_order():
     assert sorted(first) == sorted(second) == sorted(third)
     assert first != second and second != third
     assert [p for p, _ in PromptSampler(_sets(8), seed=5).sample(24)] == first + second + third
+
+
+# ------------------------------------------------------------- every message, word for word
+def _message(call) -> str:
+    with pytest.raises(MarbleError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_file_errors_word_for_word(tmp_path):
+    fix = 'write one JSON object per line, e.g. {"prompt": "a red circle", "rewards": ["color"]}'
+    bad = _write(tmp_path / "bad.jsonl", '{"prompt": "fine"}\n\n[1]\n')
+    assert _message(lambda: load_prompt_file(bad)) == f"prompt file {bad} line 3 is a JSON list, not an object; {fix}"
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    message = _message(lambda: load_prompt_file(tmp_path / "latin1.txt"))
+    assert message.startswith(f"prompt file {tmp_path / 'latin1.txt'} is not UTF-8 text (")
+    assert message.endswith("); save it as UTF-8")
+    (tmp_path / "folder.txt").mkdir()
+    assert _message(lambda: load_prompt_file(tmp_path / "folder.txt")).startswith(
+        f"prompt file {tmp_path / 'folder.txt'} cannot be read: [Errno 21] Is a directory")
+    assert _message(lambda: load_prompt_file(_write(tmp_path / "p.csv", "a\n"))) == (
+        f"prompt file {tmp_path / 'p.csv'} has suffix '.csv'; use .txt (one prompt per line), "
+        '.jsonl ({"prompt": ...} per line) or a .toml manifest')
+    empty = _write(tmp_path / "empty.txt", "# only a comment\n")
+    assert _message(lambda: load_prompt_file(empty)) == (
+        f"prompt file {empty} has no prompts (blank lines and # comments are skipped); add one prompt per line")
+    assert _message(lambda: PromptSet("x", [], source="f.txt")) == (
+        "prompt set 'x' (f.txt) is empty; add at least one prompt")
+    assert _message(lambda: PromptSet("x", ["a"], weight=-1.0)) == (
+        "prompt set 'x' (x) has weight -1.0; use a weight > 0")
+    assert _message(lambda: PromptSampler([], 0)) == "no prompt sets to sample from; pass --prompts FILE"
+    assert _message(lambda: load_prompt_sets([])) == (
+        "no prompt sets given; pass --prompts FILE or a built-in name (e.g. default)")
+
+
+def test_a_jsonl_file_may_have_blank_lines_anywhere(tmp_path):
+    path = _write(tmp_path / "gaps.jsonl", '\n{"prompt": "one"}\n\n  \n{"prompt": " two "}\n\n')
+    (only,) = load_prompt_file(path)
+    assert only.prompts == ["one", "two"] and only.source == str(path) and only.name == "gaps"
+
+
+def test_manifest_errors_word_for_word(tmp_path):
+    _write(tmp_path / "a.txt", "one\n")
+    example = 'a [[prompt_set]] table with path = "colors.txt" and optional rewards = ["color"]'
+
+    def manifest_error(body):
+        path = _write(tmp_path / "m.toml", body)
+        return _message(lambda: load_manifest(path)).replace(f"prompt manifest {path}", "M")
+
+    assert manifest_error("prompt_set = []\n") == f"M lists no prompt sets; add {example}"
+    assert manifest_error("") == f"M lists no prompt sets; add {example}"
+    assert manifest_error('other = 1\n') == f"M: unknown key 'other'; list each set as {example}"
+    second = '[[prompt_set]]\npath = "a.txt"\n\n[[prompt_set]]\n'
+    assert manifest_error(second + 'path = "a.txt"\nsize = 3\n') == (
+        "M, prompt_set #2: unknown key 'size'; valid keys: name, path, rewards, weight")
+    assert manifest_error(second + 'path = "builtin:nope"\n') == (
+        f"M, prompt_set #2: no built-in prompt set 'builtin:nope'; built-ins: {', '.join(builtin_prompt_sets())}")
+    _write(tmp_path / "inner.toml", "")
+    assert manifest_error(second + 'path = "inner.toml"\n') == (
+        "M, prompt_set #2: 'inner.toml' is a manifest; entries must be .txt or .jsonl files")
+    assert manifest_error(second + 'path = "gone.txt"\n') == (
+        f"M, prompt_set #2: prompt file {tmp_path / 'gone.txt'} does not exist; fix the path "
+        "(relative to the manifest's directory)")
+    for weight in ('"heavy"', "true", "-1"):
+        assert manifest_error(second + f'path = "a.txt"\nweight = {weight}\n').startswith(
+            'M, prompt_set #2: "weight" must be a number > 0, got '), weight
+
+
+def test_what_counts_as_a_path_and_what_as_a_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    builtins = ", ".join(builtin_prompt_sets())
+    for spec in ("general.txt", "../prompts/general", "nowhere"):  # a suffix or a slash: a path
+        assert _message(lambda spec=spec: load_prompt_sets(spec)) == (
+            f"prompt set {spec!r} is neither a file nor a built-in set; pass a path to a "
+            f".txt/.jsonl/.toml file or one of the built-ins: {builtins}")
+    (tmp_path / "folder.txt").mkdir()
+    assert _message(lambda: load_prompt_sets("folder.txt")) == (
+        "prompt set 'folder.txt' is a directory; pass a .txt, .jsonl or .toml file")
+    assert _message(lambda: load_prompt_sets("builtin:nope")) == (
+        f"no built-in prompt set 'builtin:nope'; built-ins: {builtins}")
+    from marble_kit.prompts import resolve_prompt_sets
+
+    # a single spec may be given as a plain string
+    assert [s.name for s in resolve_prompt_sets("default", ["hps"])] == ["general"]
+
+
+def test_sampler_defaults_and_distinct_streams():
+    sets = _sets(20)
+    assert PromptSampler(sets).sample(45) == PromptSampler(sets, seed=0).sample(45)
+    orders = {tuple(p for p, _ in PromptSampler(sets, seed=seed).sample(20)) for seed in range(200)}
+    assert len(orders) == 200  # no two seeds share a stream
+
+
+def test_mask_messages_and_shapes():
+    sets = _sets(1, 1, 1)
+    assert _message(lambda: applicability_mask([0, 3], ["a"], sets)) == "set index out of range 0..2: [0, 3]"
+    empty = applicability_mask(torch.tensor([0, 2]), [], sets)
+    assert empty.shape == (0, 2) and empty.dtype == torch.bool
+
+
+def test_the_prompt_order_of_a_seed_is_fixed_across_versions():
+    """A run resumed by a newer marble-kit must draw the prompts the old one would have: pass e over
+    set s is ``torch.randperm`` seeded with (seed·1000003 + s·7919 + e·104729) mod (2⁶³ − 1)."""
+    sets = _sets(5, 4)
+
+    def expected_pass(seed, set_index, epoch):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + set_index * 7_919 + epoch * 104_729)
+                                                  % (2**63 - 1))
+        return [sets[set_index].prompts[i] for i in torch.randperm(len(sets[set_index].prompts),
+                                                                   generator=generator).tolist()]
+
+    for seed in (3, 2**62 + 11):  # the second wraps around the modulus
+        drawn = PromptSampler(sets, seed).sample(30)  # equal weights: the sets take turns, 15 draws each
+        for set_index in range(2):
+            expected = [p for epoch in range(4) for p in expected_pass(seed, set_index, epoch)]
+            assert [p for p, s in drawn if s == set_index] == expected[:15]

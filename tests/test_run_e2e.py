@@ -329,10 +329,8 @@ def assert_resume_is_bit_exact(tmp_path: Path, steps: int, stop: int, **settings
     return rows
 
 
-def test_resume_is_bit_exact_between_periodic_solves(tmp_path):
-    """Periodic Gram (mgda-qp every 3 steps): the reused loss weights and λ survive a resume."""
-    rows = assert_resume_is_bit_exact(tmp_path, 5, 2, balancer="mgda-qp", gram="periodic", gram_period=3)
-    assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine", "reuse"]
+# (A resume between periodic solves — mgda-qp every 3 steps, stopped at step 2 — is checked in
+# fresh processes by tests/test_resume_process.py, which also covers what this process keeps.)
 
 
 def test_resume_is_bit_exact_with_upgrad(tmp_path):

@@ -432,3 +432,20 @@ def test_the_update_is_the_weighted_masked_losses_plus_the_anchor(gram):
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, trainer.params)])
     assert anchor_part.norm() > 0.05 * expected.norm()  # leaving it out would be seen
     assert (handed - expected).norm() <= 1e-4 * expected.norm()
+
+
+def test_training_rows_draw_t_in_the_configured_range_and_a_row_selection_keeps_the_anchor():
+    """T = 2 noisy versions of each image, t ~ U[timestep_min, timestep_max], x_t = (1−t)·x0 + t·ε;
+    selecting rows (gram_rows < 1) keeps each row's pieces together, the anchor's v_ref included."""
+    trainer = _trainer(timestep_min=0.3, timestep_max=0.6, timesteps_per_image=2, kl=0.1, seed=5)
+    batch = _captured_batch(trainer)
+    assert batch.t.shape[0] == 2 * 3 * 2 and ((batch.t >= 0.3) & (batch.t <= 0.6)).all()
+    assert batch.t.max() - batch.t.min() > 0.05  # drawn, not one value
+    assert torch.equal(batch.images.reshape(2, -1)[0], batch.images.reshape(2, -1)[1])  # timestep-major
+    rows = torch.tensor([0, 3, 7])
+    chosen = batch.select(rows, batch.coef[:, rows], batch.candidates)
+    assert batch.v_ref is not None
+    for name in ("x0", "x_t", "t", "v_old", "v_ref", "images"):
+        assert torch.equal(getattr(chosen, name), getattr(batch, name)[rows]), name
+    without_anchor = dataclasses.replace(batch, v_ref=None).select(rows, batch.coef[:, rows], batch.candidates)
+    assert without_anchor.v_ref is None and torch.equal(without_anchor.x_t, batch.x_t[rows])
