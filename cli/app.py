@@ -18,6 +18,9 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """marble-kit: multi-reward RL fine-tuning of text-to-image diffusion models."""
+    from marble_cli.common import show_warnings_in_one_line
+
+    show_warnings_in_one_line()
 
 
 # One module per command (or command group); each exposes `register(app)`.
@@ -26,6 +29,7 @@ COMMAND_MODULES = (
     "marble_cli.eval_cmd",
     "marble_cli.bench_cmd",
     "marble_cli.plot_cmd",
+    "marble_cli.compare_cmd",
     "marble_cli.plugins_cmd",
     "marble_cli.score_cmd",
 )
@@ -35,7 +39,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    app()  # warnings become one line in the root callback, for every command
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from marble_cli.common import console, err_console, print_json, split_names, user_errors
+from marble_cli.common import console, err_console, names_option, print_json, split_names, user_errors
 from marble_kit.errors import MarbleError
 
 bench_app = typer.Typer(help="Benchmarks: training-step speed, reward conflicts, Gram fidelity, "
-                             "QP solve time, optimizer conflicts.",
+                             "balancer solve time, optimizer conflicts.",
                         no_args_is_help=True)
 
 
@@ -20,32 +20,38 @@ bench_app = typer.Typer(help="Benchmarks: training-step speed, reward conflicts,
 @user_errors
 def balancers(
     max_k: int = typer.Option(10, "--max-k", help="Largest number of rewards K (from 2)."),
-    repeats: int = typer.Option(200, "--repeats", help="Timed solves per K (after 20 warm-up solves)."),
-    normalize: str = typer.Option("none", "--normalize", help="Gram normalization: none or unit."),
+    repeats: int = typer.Option(100, "--repeats", help="Timed solves per K and balancer (CAGrad: a tenth; after 10 warm-up solves)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     out: Path | None = typer.Option(None, "--out", help="Also write the rows and machine as JSON here."),
 ):
-    """Median OSQP min-norm solve time (MGDA QP) for K = 2…max-k rewards."""
-    from marble_kit.bench.balancers import benchmark_qp, machine_description, write_json
+    """Solve time and exactness of every Gram balancer for K = 2…max-k, next to torchjd's
+    equivalent measured in the same run (when torchjd is installed: the `test` extra)."""
+    from marble_kit.bench.balancers import benchmark_balancers, machine_description, write_json
 
     if max_k < 2 or repeats < 1:
         raise MarbleError(f"--max-k must be ≥ 2 and --repeats ≥ 1 (got {max_k}, {repeats})")
-    if normalize not in ("none", "unit"):
-        raise MarbleError(f"--normalize {normalize!r} is not one of none, unit")
-    rows = benchmark_qp(range(2, max_k + 1), repeats=repeats, normalize=normalize)
+    rows = benchmark_balancers(range(2, max_k + 1), repeats=repeats)
     if out is not None:
         write_json(rows, out)
-    if json_output:
-        print_json({"machine": machine_description(), "rows": rows})
-        return
     machine = machine_description()
-    table = Table(title=f"MGDA QP solve time (osqp {machine['osqp']}, Python {machine['python']}, "
-                        f"{machine['cpu_cores']} cores)")
-    for column in ("K", "median ms", "p90 ms", "OSQP iterations", "max KKT residual"):
+    if json_output:
+        print_json({"machine": machine, "rows": rows})
+        return
+    table = Table(title=f"Balancer solve time (median ms) vs torchjd {machine['torchjd']} "
+                        f"(osqp {machine['osqp']}, Python {machine['python']}, {machine['cpu_cores']} cores)",
+                  box=box.SIMPLE_HEAD)
+    for column in ("K", "balancer", "ms", "torchjd ms", "× torchjd", "error", "torchjd error"):
         table.add_column(column, justify="right")
+
+    def shown(value, spec):
+        return "—" if value is None else format(value, spec)
+
     for row in rows:
-        table.add_row(str(row["K"]), f"{row['median_ms']:.3f}", f"{row['p90_ms']:.3f}",
-                      f"{row['mean_osqp_iterations']:.0f}", f"{row['max_kkt_residual']:.1e}")
+        table.add_row(str(row["K"]), row["balancer"], f"{row['median_ms']:.3f}", shown(row["torchjd_median_ms"], ".3f"),
+                      shown(row["ratio_to_torchjd"], ".2f"), f"{row['max_error']:.1e}",
+                      shown(row["torchjd_max_error"], ".1e"))
+    table.caption = ("error: marble-kit's relative KKT residual (pcgrad: distance from the definition); "
+                     "torchjd error: its distance from the exact answer (MGDA: objective gap)")
     console.print(table)
 
 
@@ -55,23 +61,31 @@ def optimizer(
     steps: int = typer.Option(150, "--steps", help="AdamW steps per seed."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds."),
     beta1: float = typer.Option(0.9, "--beta1", help="Adam's β1 (0 removes momentum)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's decoupled weight decay."),
+    anchor: float = typer.Option(0.0, "--anchor", help="Weight of an unbalanced pull ½·a·‖θ‖² (like the KL anchor)."),
+    max_norm: float = typer.Option(0.0, "--grad-clip", help="Gradient clipping norm (0 = off)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
-    """How often the actual AdamW step conflicts with a reward, per Gram metric (toy problem)."""
+    """How often the actual AdamW step conflicts with a reward, per Gram metric, and the worst
+    margin of the adam-momentum guarantee (toy problem)."""
     from marble_kit.bench.balancers import optimizer_conflict_benchmark
 
-    if steps < 1 or seeds < 1 or not 0.0 <= beta1 < 1.0:
-        raise MarbleError("--steps and --seeds must be ≥ 1 and --beta1 in [0, 1)")
-    rows = optimizer_conflict_benchmark(steps=steps, seeds=tuple(range(seeds)), betas=(beta1, 0.999))
+    if steps < 1 or seeds < 1 or not 0.0 <= beta1 < 1.0 or weight_decay < 0 or anchor < 0 or max_norm < 0:
+        raise MarbleError("--steps and --seeds must be ≥ 1, --beta1 in [0, 1), --weight-decay, --anchor "
+                          "and --grad-clip ≥ 0")
+    rows = optimizer_conflict_benchmark(steps=steps, seeds=tuple(range(seeds)), betas=(beta1, 0.999),
+                                        weight_decay=weight_decay, anchor=anchor, max_norm=max_norm)
     if json_output:
         print_json(rows)
         return
     table = Table(title=f"MGDA + AdamW (β1 = {beta1}): steps with a conflicting reward")
-    for column in ("Gram metric", "vs fused gradient", "vs actual update", "mean worst cos (update)"):
+    for column in ("Gram metric", "vs fused gradient", "vs actual update", "mean worst cos (update)",
+                   "worst margin steps 0–1", "2–10", ">10"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(row["metric"], f"{row['conflict_rate_fused']:.1%}",
-                      f"{row['conflict_rate_update']:.1%}", f"{row['mean_worst_cos_update']:.3f}")
+                      f"{row['conflict_rate_update']:.1%}", f"{row['mean_worst_cos_update']:.3f}",
+                      *(f"{row[f'worst_margin_steps_{b}']:+.1e}" for b in ("0-1", "2-10", ">10")))
     console.print(table)
 
 
@@ -248,7 +262,8 @@ def conflict(
     )
 
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
-                                methods=split_names(methods) or list(DEFAULT_METHODS), reward_scope=reward_scope)
+                                methods=names_option(methods, "--methods") or list(DEFAULT_METHODS),
+                                reward_scope=reward_scope)
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(

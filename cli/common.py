@@ -6,11 +6,13 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from marble_kit.errors import MarbleError
 
@@ -21,6 +23,16 @@ console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
 
 
+def show_warnings_in_one_line() -> None:
+    """Python warnings as ``warning: <message>`` on stderr (no file:line and source line: the
+    message of a marble warning says what happened and what to do)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a MarbleError into ``error: <message>`` on stderr and exit code 2."""
 
@@ -29,7 +41,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except MarbleError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: a message may hold brackets (`pip install 'marble-kit[wandb]'`), not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -42,3 +55,15 @@ def print_json(data: Any) -> None:
 
 def split_names(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def names_option(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated list option: None when not given; given but naming nothing
+    (``--rewards ""``, ``--rewards ,``) is an error rather than a silent fall-back to defaults."""
+    if text is None:
+        return None
+    names = split_names(text)
+    if not names:
+        raise MarbleError(f"{flag} {text!r} names nothing; pass {flag} NAME[,NAME...] "
+                          "(`marble plugins` lists the installed ones) or leave the flag out")
+    return names

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from marble_cli.common import console, print_json, split_names, user_errors
+from marble_cli.common import console, names_option, print_json, user_errors
 from marble_kit.options import parse_plugin_options
 
 
@@ -33,7 +33,7 @@ def eval_command(
     """Score a checkpoint and its base policy on the same prompts and noise."""
     from marble_kit.evaluate import evaluate
 
-    report = evaluate(target, prompts=prompts, rewards=split_names(rewards) or None,
+    report = evaluate(target, prompts=prompts, rewards=names_option(rewards, "--rewards"),
                       reward_options=parse_plugin_options(reward_opt, "--reward-opt"),
                       images_per_prompt=images_per_prompt, max_prompts=max_prompts, seed=seed, out=out)
     if json_output:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from marble_cli.common import console, print_json, split_names, user_errors
+from marble_cli.common import console, names_option, print_json, user_errors
 from marble_kit.options import parse_plugin_options
 
 
@@ -35,7 +35,7 @@ def score(
     """Score images with one or more rewards (NaN / n/a: the reward does not apply)."""
     from marble_kit.scoring import mean_scores, score_images  # torch-heavy: import on use
 
-    rows = score_images(paths, split_names(rewards), prompt=prompt, prompts_file=prompts_file,
+    rows = score_images(paths, names_option(rewards, "--rewards") or [], prompt=prompt, prompts_file=prompts_file,
                         reward_options=parse_plugin_options(reward_opt, "--reward-opt"), device=device)
     means = mean_scores(rows)
     if json_output:

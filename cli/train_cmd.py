@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
-from marble_cli.common import console, split_names, user_errors
+from marble_cli.common import console, names_option, user_errors
 from marble_kit.config import TrainConfig, read_toml, resolve_config
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value
+from marble_kit.tracking import TENSORBOARD_DIR
 
 
 def _single_plugin_options(items: list[str] | None, flag: str) -> dict:
@@ -65,34 +66,33 @@ def train(
     policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
     settings: list[str] | None = typer.Option(None, "--set", help="Any config key KEY=VALUE (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    report_to: str | None = typer.Option(None, "--report-to", help="Also log to experiment trackers: tensorboard, wandb (comma-separated) or none; may change on --resume."),
 ):
     """Fine-tune a policy with MARBLE (defaults: tiny-sd3, offline specialist rewards, marble balancer)."""
     from marble_kit.distributed import CollectiveError, Distributed
     from marble_kit.run import read_run_config
     from marble_kit.run import train as run_train
 
-    overrides = {"rewards": split_names(rewards) or None, "balancer": balancer, "policy": policy,
-                 "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr}
+    overrides = {"rewards": names_option(rewards, "--rewards"), "balancer": balancer, "policy": policy,
+                 "prompts": prompts or None, "steps": steps, "out": out, "gram": gram, "seed": seed, "lr": lr,
+                 "report_to": report_to}
     if resume is not None:
         base = read_run_config(resume)
-        changed = [k for k, v in overrides.items() if v is not None and k not in ("steps", "out")]
+        changed = [k for k, v in overrides.items() if v is not None and k not in ("steps", "out", "report_to")]
         changed += [flag for flag, given in (("--reward-opt", reward_opt), ("--balancer-opt", balancer_opt),
                                              ("--policy-opt", policy_opt), ("--config", config_file),
                                              ("--set", settings)) if given]
         if out is not None and Path(out).resolve() != resume.resolve():
             changed.append("--out")
         if changed:
-            raise MarbleError(f"--resume {resume} continues that run with its own config; only --steps may "
-                              f"be given (got {', '.join(changed)})")
-        config = base.replace(out=str(resume), steps=steps or base.steps)
+            raise MarbleError(f"--resume {resume} continues that run with its own config; only --steps and "
+                              f"--report-to may be given (got {', '.join(changed)})")
+        config = base.replace(out=str(resume), steps=steps or base.steps,
+                              report_to=base.report_to if report_to is None else report_to)
     else:
         config = build_config(config_file, overrides, reward_opt, balancer_opt, policy_opt, settings)
     dist = Distributed.from_environment()
-    if dist.is_main:
-        console.print(f"[bold]marble train[/] → {config.out}  policy={config.policy}  "
-                      f"rewards={','.join(config.rewards)}  balancer={config.balancer}  gram={config.gram}",
-                      highlight=False)
-    try:
+    try:  # the run prints its header once every check has passed (an error comes alone)
         result = run_train(config, resume=resume is not None, progress=progress, dist=dist, console=console)
     except CollectiveError as exc:  # a peer died or hung: leave without teardown
         dist.exit_after_collective_failure(exc)
@@ -106,6 +106,8 @@ def train(
         if result.checkpoint is not None:
             console.print(f"  checkpoint {result.checkpoint}  (resume: marble train --resume {result.run_dir})",
                           highlight=False)
+        if "tensorboard" in config.report_to:
+            console.print(f"  tensorboard --logdir {result.run_dir / TENSORBOARD_DIR}", highlight=False)
         for name in config.rewards:
             value = last.get(f"reward/{name}")
             if isinstance(value, float):

@@ -6,18 +6,23 @@ The trainer then backpropagates (Σw)·L(r_eff) with r_eff = Σ_k (w_k/Σw)·r_k
 
 This module holds what the built-in balancers share:
 
-* :class:`DenseQP` — a small dense QP solved with OSQP (CSC matrices with a fixed dense
-  pattern, warm start, polish) followed by an exact active-set refinement in float64;
-* :func:`sanitize_gram` — degenerate input handling (non-finite rows, zero gradients,
-  round-off non-PSD, rank deficiency) that never raises and never yields NaN;
+* :class:`DenseQP` — a small dense QP solved with OSQP (CSC matrices, warm start, polish);
+* :func:`active_set_qp` — an exact primal active-set method in float64 (OSQP's answer is
+  refined by it), and :func:`box_qp_batch` — many exact box-constrained QPs sharing one
+  Hessian, solved together (UPGrad's K projections);
+* :func:`sanitize_gram` — inactive rewards, non-finite rows, zero gradients, round-off non-PSD
+  and rank deficiency, never raising and never yielding NaN;
 * :class:`MinNormQP` — the MGDA min-norm problem min λᵀGλ on the simplex (optionally with a
   floor λ_k ≥ λ_min and unit-norm gradient normalization), solved in diagonally scaled
   variables so gradient norms spanning many orders of magnitude still give the true λ;
-* :func:`ema_update`, :func:`loss_weights` and the metric bookkeeping.
+* :func:`ema_update`, :func:`loss_weights`, the metric bookkeeping, and :func:`balance`
+  (the trainer's call, which also serves balancers written before ``active`` existed).
 """
 
 from __future__ import annotations
 
+import abc
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -31,13 +36,10 @@ from marble_kit.errors import MarbleError
 NORMALIZE_MODES = ("none", "unit")
 GRAM_METRICS = ("euclidean", "adam", "adam-momentum")
 
-# A reward whose squared gradient norm is below this fraction of the largest one is treated as
-# exactly zero: 1e-24 (a norm ratio of 1e-12) keeps gradients spanning 1e-3..1e3 all active.
-ZERO_GRADIENT_RATIO = 1e-24
 # Eigenvalues of the unit-diagonal Gram below -NON_PSD_TOL are more than float64 round-off.
 NON_PSD_TOL = 1e-10
 RANK_TOL = 1e-9
-DEGENERATE_FLAGS = ("zero_gradient", "nonfinite", "non_psd", "rank_deficient", "all_zero",
+DEGENERATE_FLAGS = ("zero_gradient", "nonfinite", "non_psd", "rank_deficient", "all_zero", "no_active",
                     "solver_fallback")
 
 
@@ -45,9 +47,30 @@ DEGENERATE_FLAGS = ("zero_gradient", "nonfinite", "non_psd", "rank_deficient", "
 class Balancer(Protocol):
     """Turns the per-reward Gram matrix into loss weights.
 
+    ``weights(gram, step, active=None)``:
+
+    * ``gram``: (K, K) Gram over all K rewards (in the metric named by ``gram_metric``), or None
+      when ``needs_gram`` is False. Rows/columns of inactive rewards may hold zeros or anything
+      finite: ignore them.
+    * ``active``: (K,) bool tensor, the rewards that take part this step (None: all). The trainer
+      decides it: a reward that judged no row this step, whose judged rows all have zero
+      advantage, or whose gradient is non-finite or numerically zero for its dtype is inactive.
+      An inactive reward gets weight 0 and λ 0, and the balancer solves the problem of the
+      active rewards alone (MGDA on the active sub-Gram, UPGrad averaging over the active
+      rewards, …): an absent reward is not part of the problem. A tiny but real gradient is,
+      and the fused gradient d = Σ w_k g_k must be continuous as its norm goes to 0 — no norm
+      threshold inside a balancer; exact zeros and non-finite entries are handled as defined
+      limits, never NaN.
+    * no active reward: all-zero weights, λ all zero, ``metrics["balancer/no_active"] = 1``,
+      and any state (e.g. an EMA) left untouched.
+    * returns (K,) loss weights w ≥ 0: the fused gradient is Σ_k w_k ∇L_k.
+
+    A balancer whose ``weights`` has no ``active`` parameter still works (:func:`balance`): it
+    gets the Gram with inactive rows and columns zeroed, and its inactive weights are forced to 0.
+
     Attributes:
-        needs_gram: False → the trainer skips the Gram and calls ``weights(None, step)``.
-        lam: the last simplex λ (K,) for logging.
+        needs_gram: False → the trainer skips the Gram and calls ``weights(None, step, active)``.
+        lam: the last λ (K,) for logging (weights normalized to sum 1; 0 for inactive rewards).
         metrics: this step's extra metrics (e.g. ``"balancer/degenerate": 1.0``).
         summed_reward_weights: not None only for the summed-reward baseline (the trainer sums
             the rewards with these weights before a single advantage).
@@ -59,7 +82,7 @@ class Balancer(Protocol):
     lam: Tensor
     metrics: dict[str, float]
 
-    def weights(self, gram: Tensor | None, step: int) -> Tensor:
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
         """(K, K) Gram → (K,) loss weights w ≥ 0 (fused gradient Σ_k w_k ∇L_k)."""
 
     def state_dict(self) -> dict[str, Tensor]: ...
@@ -93,6 +116,14 @@ def check_min_weight(min_weight: float, num_rewards: int, where: str) -> float:
         raise MarbleError(f"{where}: min_weight={min_weight} must satisfy 0 ≤ min_weight ≤ 1/K = "
                           f"{1.0 / num_rewards:.4g} for K={num_rewards} rewards")
     return min_weight
+
+
+def check_max_weight(max_weight: float, where: str) -> float:
+    max_weight = float(max_weight)
+    if not max_weight >= 1.0:  # also refuses NaN
+        raise MarbleError(f"{where}: max_weight={max_weight} must be ≥ 1 (a reward's own share 1/n "
+                          "times n); it caps every loss weight (e.g. --balancer-opt max_weight=1000)")
+    return max_weight
 
 
 def as_gram_array(gram: Tensor | np.ndarray | None, num_rewards: int, where: str) -> np.ndarray:
@@ -175,19 +206,21 @@ class DenseQP:
         self._rho = None if rho is None else float(rho)
 
 
-def _equality_qp_on_free(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
-                         free: np.ndarray) -> tuple[np.ndarray, float]:
-    """Minimizer of ½xᵀPx with x = lower off ``free`` (and cᵀx = target), and the multiplier ν.
+def _equality_qp_on_free(P: np.ndarray, q: np.ndarray, c: np.ndarray | None, target: float,
+                         fixed_values: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, float]:
+    """Minimizer of ½xᵀPx + qᵀx with x = fixed_values off ``free`` (and cᵀx = target), and the
+    multiplier ν of the equality.
 
     Least squares on the KKT system: the minimum-norm solution when P is singular, so
     duplicated rewards share their weight evenly.
     """
-    x = lower.copy()
+    x = np.where(free, 0.0, fixed_values)
     n_free = int(free.sum())
     fixed = ~free
-    rhs_top = -P[np.ix_(free, fixed)] @ x[fixed]
+    rhs_top = -q[free] - P[np.ix_(free, fixed)] @ x[fixed]
     if c is None:
-        x[free] = np.linalg.lstsq(P[np.ix_(free, free)], rhs_top, rcond=1e-13)[0]
+        if n_free:
+            x[free] = np.linalg.lstsq(P[np.ix_(free, free)], rhs_top, rcond=1e-13)[0]
         return x, 0.0
     kkt = np.zeros((n_free + 1, n_free + 1))
     kkt[:n_free, :n_free] = P[np.ix_(free, free)]
@@ -210,86 +243,201 @@ def _feasible_start(c: np.ndarray | None, target: float, lower: np.ndarray, x: n
     return lower + (x - lower) * (slack / excess)
 
 
-def refine_active_set(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
-                      x: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray | None:
-    """Exact min ½xᵀPx s.t. cᵀx = target (if c is given), x ≥ lower, by a primal active-set
-    method started from ``x`` (OSQP's answer: usually already optimal, then one KKT solve).
+def active_set_qp(P: np.ndarray, q: np.ndarray | None, lower: np.ndarray, upper: np.ndarray | None = None,
+                  c: np.ndarray | None = None, target: float = 0.0, x0: np.ndarray | None = None,
+                  tol: float = 1e-10, max_iter: int | None = None) -> np.ndarray | None:
+    """Exact min ½xᵀPx + qᵀx s.t. lower ≤ x ≤ upper (and cᵀx = target if c is given; then the
+    upper bounds must be +inf) for a small dense PSD P, by a primal active-set method.
 
     Each iteration solves the equality-constrained problem on the free variables, walks
     towards it until a bound blocks, or — at a stationary point — releases the bound with the
-    most negative multiplier. Returns None if it does not verify optimality in ``max_iter``.
+    most negative multiplier. The answer is the last equality-constrained solution (bounds
+    exact, free variables from one linear solve), so it depends on ``x0`` only through the
+    active set it identifies: the start (e.g. OSQP's answer) changes the path, not the result.
+    Without ``x0`` it starts from the lower bounds. Returns None if it does not verify
+    optimality in ``max_iter`` iterations.
     """
     n = len(lower)
-    x = _feasible_start(c, target, lower, x)
+    q = np.zeros(n) if q is None else np.asarray(q, float)
+    upper = np.full(n, np.inf) if upper is None else upper
+    if c is not None and np.isfinite(upper).any():
+        raise ValueError("active_set_qp: an equality row needs +inf upper bounds")
+    x = _feasible_start(c, target, lower, lower.copy() if x0 is None else x0)
+    x = np.minimum(x, upper)
     bound_tol = tol * np.maximum(1.0, np.abs(lower))
-    free = x > lower + bound_tol
-    if not free.any():
-        free[int(np.argmax(x - lower))] = True
-    scale = max(1.0, float(np.abs(P).max()) * max(1.0, float(np.abs(x).max())))
-    for _ in range(max_iter):
-        target_x, nu = _equality_qp_on_free(P, c, target, lower, free)
+    status = np.zeros(n, dtype=np.int8)  # -1: at lower, +1: at upper, 0: free
+    status[x <= lower + bound_tol] = -1
+    finite_upper = np.where(np.isfinite(upper), upper, 0.0)
+    status[np.isfinite(upper) & (x >= upper - tol * np.maximum(1.0, np.abs(finite_upper)))] = 1
+    if c is not None and not (status == 0).any():
+        status[int(np.argmax(x - lower))] = 0
+    scale = max(1.0, float(np.abs(P).max()) * max(1.0, float(np.abs(x).max())), float(np.abs(q).max()))
+    for _ in range(max_iter or 10 * n + 20):
+        free = status == 0
+        fixed_values = np.where(status == 1, upper, lower)
+        target_x, nu = _equality_qp_on_free(P, q, c, target, fixed_values, free)
         if not np.all(np.isfinite(target_x)):
             return None
+        x = np.where(free, x, fixed_values)
         step = target_x - x
         if np.abs(step).max() <= 1e-12 * max(1.0, float(np.abs(x).max())):
-            gradient = P @ x - (nu * c if c is not None else 0.0)
-            multipliers = np.where(free, np.inf, gradient)
+            gradient = P @ target_x + q - (nu * c if c is not None else 0.0)
+            multipliers = np.where(status == -1, gradient, np.where(status == 1, -gradient, np.inf))
             worst = int(np.argmin(multipliers))
             if multipliers[worst] >= -1e-9 * scale:
-                return np.maximum(x, lower)
-            free[worst] = True  # releasing this bound lowers the objective
+                return np.clip(target_x, lower, upper)
+            status[worst] = 0  # releasing this bound lowers the objective
             continue
-        blocking = free & (step < 0)
         ratios = np.full(n, np.inf)
-        ratios[blocking] = (lower[blocking] - x[blocking]) / step[blocking]
+        down, up = free & (step < 0), free & (step > 0) & np.isfinite(upper)
+        ratios[down] = (lower[down] - x[down]) / step[down]
+        ratios[up] = (upper[up] - x[up]) / step[up]
         alpha = min(1.0, float(ratios.min()))
-        x = x + alpha * step
         if alpha < 1.0:
             hit = int(np.argmin(ratios))
-            x[hit] = lower[hit]
-            free[hit] = False
-            if not free.any():
+            x = x + alpha * step
+            status[hit] = -1 if down[hit] else 1
+            x[hit] = lower[hit] if down[hit] else upper[hit]
+            if c is not None and not (status == 0).any():
                 return None
         else:
             x = target_x
     return None
 
 
+def refine_active_set(P: np.ndarray, c: np.ndarray | None, target: float, lower: np.ndarray,
+                      x: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray | None:
+    """Exact min ½xᵀPx s.t. cᵀx = target (if c is given), x ≥ lower, started from ``x``
+    (OSQP's answer: usually already optimal, then one KKT solve). See :func:`active_set_qp`."""
+    return active_set_qp(P, None, lower, None, c, target, x0=x, tol=tol, max_iter=max_iter)
+
+
+def _batched_pinv_solve(matrices: np.ndarray, rhs: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
+    """x_b = M_b⁺ r_b for symmetric PSD M_b (eigenvalues below rcond·max dropped)."""
+    values, vectors = np.linalg.eigh(matrices)
+    cutoff = rcond * np.maximum(values[:, -1:], 1e-300)
+    inverse = np.where(values > cutoff, 1.0 / np.where(values > cutoff, values, 1.0), 0.0)
+    coefficients = np.einsum("bji,bj->bi", vectors, rhs) * inverse
+    return np.einsum("bij,bj->bi", vectors, coefficients)
+
+
+def box_qp_batch(H: np.ndarray, lower: np.ndarray, upper: np.ndarray, max_iter: int = 50,
+                 q: np.ndarray | None = None, fallback: bool = True) -> tuple[np.ndarray, int, np.ndarray]:
+    """Exact min ½vᵀHv + q_bᵀv s.t. lower[b] ≤ v ≤ upper[b], for every row b of ``lower`` /
+    ``upper`` (B problems sharing one small PSD H) → (V [B, n], iterations, converged [B]).
+
+    Block principal pivoting (Júdice & Pires), all problems at once: from the lower bounds,
+    solve the equality-constrained problem of every problem's free set in one batched
+    eigen-solve, then exchange every variable that violates a bound or whose multiplier has the
+    wrong sign; when the count of violations stops falling, exchange only the last one
+    (Murty's rule, which terminates). A converged problem satisfies its KKT conditions to
+    round-off. A problem that does not converge in ``max_iter`` rounds is finished by
+    :func:`active_set_qp` (a primal method that always does) unless ``fallback`` is False.
+    No warm start: the answer is a function of H, q and the bounds alone.
+    """
+    batch, n = lower.shape
+    q = np.zeros((batch, n)) if q is None else q
+    status = np.full((batch, n), -1, dtype=np.int8)  # -1: at lower, +1: at upper, 0: free
+    finite_upper = np.where(np.isfinite(upper), upper, 0.0)
+    x_tol = 1e-12 * np.maximum(np.abs(lower), np.abs(finite_upper))
+    best = np.full(batch, n + 1)
+    patience = np.full(batch, 3)
+    done = np.zeros(batch, dtype=bool)
+    x = lower.copy()
+    eye = np.eye(n, dtype=bool)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+        free = status == 0
+        fixed_values = np.where(status == 1, upper, lower)
+        fixed_values = np.where(free, 0.0, fixed_values)
+        if free.any():
+            rhs = np.where(free, -(fixed_values @ H) - q, fixed_values)
+            both = free[:, :, None] & free[:, None, :]
+            matrices = np.where(both, H[None], 0.0) + (~free[:, :, None] & eye[None])
+            x = _batched_pinv_solve(matrices, rhs)
+            x = np.where(free, x, fixed_values)
+        else:
+            x = fixed_values
+        gradient = x @ H + q
+        g_tol = 1e-12 * (np.abs(x) @ np.abs(H) + np.abs(q)) + 1e-300
+        low_violation = free & (x < lower - x_tol)
+        up_violation = free & (x > upper + x_tol)
+        dual_low = (status == -1) & (gradient < -g_tol)
+        dual_up = (status == 1) & (gradient > g_tol)
+        infeasible = low_violation | up_violation | dual_low | dual_up
+        count = infeasible.sum(axis=1)
+        done = count == 0
+        if done.all():
+            break
+        improved = count < best
+        best = np.where(improved, count, best)
+        patience = np.where(improved, 3, patience - 1)
+        # Murty's backup: only the largest infeasible index changes sides.
+        last = n - 1 - np.argmax(infeasible[:, ::-1], axis=1)
+        single = np.zeros_like(infeasible)
+        single[np.arange(batch), last] = True
+        change = np.where((patience > 0)[:, None], infeasible, infeasible & single) & ~done[:, None]
+        status = np.where(change & low_violation, -1, status)
+        status = np.where(change & up_violation, 1, status)
+        status = np.where(change & (dual_low | dual_up), 0, status).astype(np.int8)
+    x = np.clip(x, lower, upper)
+    converged = done.copy()
+    for b in np.flatnonzero(~done) if fallback else ():
+        exact = active_set_qp(H, q[b], lower[b], upper[b])
+        if exact is not None:
+            x[b], converged[b] = exact, True
+    return x, iterations, converged
+
+
 # ------------------------------------------------------------------- degenerate handling
 @dataclass
 class CleanGram:
-    """A sanitized Gram: the unit-diagonal matrix H = D G D over the active rewards."""
+    """A sanitized Gram: the unit-diagonal matrix H = D G D over the nonzero rewards."""
 
-    unit: np.ndarray          # (A, A) symmetric PSD, unit diagonal (A = number of active rewards)
-    active: np.ndarray        # (K,) bool: rewards taking part in the QP
-    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk) (0 where inactive)
+    unit: np.ndarray          # (A, A) symmetric PSD, unit diagonal (A = number of nonzero rewards)
+    included: np.ndarray      # (K,) bool: rewards in the problem (active and finite)
+    nonzero: np.ndarray       # (K,) bool: included rewards with a nonzero gradient (rows of ``unit``)
+    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk) (0 where not nonzero)
     flags: dict[str, bool] = field(default_factory=dict)
 
 
-def sanitize_gram(gram: np.ndarray) -> CleanGram:
-    """Remove what the QP cannot use, never raising.
+def as_active_mask(active: Tensor | np.ndarray | None, num_rewards: int, where: str) -> np.ndarray:
+    """The ``active`` argument of :meth:`Balancer.weights` as a (K,) numpy bool mask."""
+    if active is None:
+        return np.ones(num_rewards, dtype=bool)
+    mask = active.detach().cpu().numpy() if isinstance(active, Tensor) else np.asarray(active)
+    if mask.shape != (num_rewards,):
+        raise MarbleError(f"{where}: active must be a ({num_rewards},) bool mask, got shape {tuple(mask.shape)}")
+    return mask.astype(bool)
 
-    Rows/columns with non-finite entries and (numerically) zero gradients are left out of the
-    QP (their λ is 0: a zero gradient neither helps nor conflicts, a broken one must not steer
-    the update); the rest is symmetrized, scaled to unit diagonal, and projected onto the PSD
-    cone when round-off made it indefinite.
+
+def sanitize_gram(gram: np.ndarray, active: np.ndarray | None = None, unit: bool = True) -> CleanGram:
+    """Split the rewards into what the problem can use, never raising.
+
+    Inactive rewards (``active`` False) and rows/columns with non-finite entries are out of the
+    problem (λ = 0: an absent reward is not part of it, a broken one must not steer the
+    update). No norm threshold: a tiny gradient stays in, and an exactly zero one (G_kk ≤ 0)
+    stays in the problem as the zero vector, which each balancer handles as the limit of a
+    vanishing gradient. The nonzero rows are symmetrized, scaled to unit diagonal, and
+    projected onto the PSD cone when round-off made them indefinite.
     """
     k = gram.shape[0]
+    active = np.ones(k, dtype=bool) if active is None else active
     flags = dict.fromkeys(DEGENERATE_FLAGS, False)
     finite_rows = np.isfinite(gram).all(axis=0) & np.isfinite(gram).all(axis=1)
-    flags["nonfinite"] = not finite_rows.all()
-    diag = np.where(finite_rows, np.diag(np.where(np.isfinite(gram), gram, 0.0)), 0.0)
-    largest = float(diag.max()) if k else 0.0
-    positive = diag > max(largest * ZERO_GRADIENT_RATIO, 0.0) if largest > 0 else np.zeros(k, bool)
-    active = finite_rows & positive
-    flags["zero_gradient"] = bool((finite_rows & ~positive).any())
-    norms = np.where(active, np.sqrt(np.where(active, diag, 0.0)), 0.0)
-    if not active.any():
-        flags["all_zero"] = True
-        return CleanGram(np.zeros((0, 0)), active, norms, flags)
-    sub = gram[np.ix_(active, active)]
+    flags["nonfinite"] = bool((active & ~finite_rows).any())
+    included = active & finite_rows
+    diag = np.where(included, np.diag(np.where(np.isfinite(gram), gram, 0.0)), 0.0)
+    nonzero = included & (diag > 0)
+    flags["zero_gradient"] = bool((included & ~nonzero).any())
+    flags["no_active"] = not active.any()
+    flags["all_zero"] = bool(active.any() and not nonzero.any())
+    norms = np.where(nonzero, np.sqrt(np.where(nonzero, diag, 0.0)), 0.0)
+    if not nonzero.any() or not unit:  # unit=False: the caller needs only the masks and norms
+        return CleanGram(np.zeros((0, 0)), included, nonzero, norms, flags)
+    sub = gram[np.ix_(nonzero, nonzero)]
     sub = 0.5 * (sub + sub.T)
-    inv = 1.0 / norms[active]
+    inv = 1.0 / norms[nonzero]
     unit = sub * inv[:, None] * inv[None, :]
     eigenvalues, vectors = np.linalg.eigh(unit)
     if eigenvalues[0] < 0.0:
@@ -298,7 +446,7 @@ def sanitize_gram(gram: np.ndarray) -> CleanGram:
         unit = (vectors * eigenvalues) @ vectors.T
         unit = 0.5 * (unit + unit.T)
     flags["rank_deficient"] = bool(eigenvalues[0] < RANK_TOL * max(1.0, eigenvalues[-1]))
-    return CleanGram(unit, active, norms, flags)
+    return CleanGram(unit, included, nonzero, norms, flags)
 
 
 def _vertex_or_uniform_fallback(unit: np.ndarray, c: np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -311,28 +459,36 @@ def _vertex_or_uniform_fallback(unit: np.ndarray, c: np.ndarray, lower: np.ndarr
     return candidates[int(np.argmin(values))]
 
 
+def balancer_metrics(flags: dict[str, bool], included: np.ndarray) -> dict[str, float]:
+    """The flags as metrics, plus ``balancer/degenerate`` (any flag) and the active count."""
+    metrics = {f"balancer/{name}": float(value) for name, value in flags.items()}
+    metrics["balancer/degenerate"] = float(any(flags.values()))
+    metrics["balancer/active_rewards"] = float(included.sum())
+    return metrics
+
+
 # ---------------------------------------------------------------------------- min-norm QP
 @dataclass
 class MinNormResult:
-    lam: np.ndarray           # (K,) on the simplex (λ of the normalized problem when normalize="unit")
+    lam: np.ndarray           # (K,) on the simplex over the rewards in the problem, 0 elsewhere (all 0: none)
     weights: np.ndarray       # (K,) loss weights on the raw gradients
     metrics: dict[str, float]
-    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk), 0 for rewards left out of the QP
-    active: np.ndarray        # (K,) bool: rewards that took part in the QP
+    norms: np.ndarray         # (K,) gradient norms sqrt(G_kk), 0 for zero gradients and rewards out of the problem
+    active: np.ndarray        # (K,) bool: rewards in the problem (active and finite)
 
 
 def loss_weights(lam: np.ndarray, norms: np.ndarray, normalize: str) -> np.ndarray:
     """Loss weights on the raw gradients (SPEC §1.7).
 
     normalize="none": w = λ. normalize="unit": λ was solved for unit-norm gradients, so
-    w_k = s·λ_k/‖g_k‖ with s the mean norm of the active rewards (keeps the step's scale).
-    ``norms`` is 0 for rewards left out of the QP (zero or non-finite gradient).
+    w_k = s·λ_k/‖g_k‖ with s the mean norm of the nonzero gradients (keeps the step's scale).
+    ``norms`` is 0 for rewards without a direction (zero, non-finite or inactive).
     """
-    active = norms > 0
-    if normalize == "none" or not active.any():
+    nonzero = norms > 0
+    if normalize == "none" or not nonzero.any():
         return lam.copy()
-    scale = float(norms[active].mean())
-    return np.where(active, scale * lam / np.where(active, norms, 1.0), 0.0)
+    scale = float(norms[nonzero].mean())
+    return np.where(nonzero, scale * lam / np.where(nonzero, norms, 1.0), 0.0)
 
 
 def kkt_residual(gram: np.ndarray, lam: np.ndarray, min_weight: float = 0.0) -> float:
@@ -355,12 +511,19 @@ def kkt_residual(gram: np.ndarray, lam: np.ndarray, min_weight: float = 0.0) -> 
 
 
 class MinNormQP:
-    """The MGDA min-norm problem min λᵀGλ s.t. λ ≥ λ_min, Σλ = 1, with OSQP.
+    """The MGDA min-norm problem min λᵀGλ s.t. λ ≥ λ_min, Σλ = 1, with OSQP, refined exactly.
 
     Solved in scaled variables μ = λ·‖g‖ (λ = Dμ, D = diag(1/‖g_k‖)): the Hessian D G D has
     unit diagonal whatever the gradient norms, and the simplex row becomes Σ D_k μ_k = 1
     (scaled to max coefficient 1), which OSQP's equilibration handles well. With
     normalize="unit" the problem is the one of the unit-norm gradients (D G D, Σμ = 1).
+
+    The answer is the exact active-set solution (:func:`active_set_qp`) that OSQP's iterate
+    identifies, so it does not depend on the warm start beyond round-off of one linear solve.
+    A reward with an exactly zero gradient is the limit of a vanishing one: the hull then
+    contains 0, so the min-norm point is d = 0 with all free weight on the zero gradients (split
+    evenly); with a floor λ_min the zero gradients take the weight the floor leaves. With
+    normalize="unit" a zero gradient has no direction and is left out (λ = 0).
     """
 
     def __init__(self, eps: float = 1e-9):
@@ -372,36 +535,56 @@ class MinNormQP:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.qp.load_state_dict(state)
 
-    def solve(self, gram: np.ndarray, normalize: str = "none", min_weight: float = 0.0) -> MinNormResult:
+    def solve(self, gram: np.ndarray, normalize: str = "none", min_weight: float = 0.0,
+              active: np.ndarray | None = None) -> MinNormResult:
         k = gram.shape[0]
-        clean = sanitize_gram(gram)
+        clean = sanitize_gram(gram, active)
         flags = clean.flags
         iterations = 0
-        if not clean.active.any():
-            lam = np.full(k, 1.0 / k)  # nothing to balance: a defined, finite answer
-        elif clean.active.sum() == 1:
-            lam = np.where(clean.active, 1.0, 0.0)
+        nonzero = clean.nonzero
+        members = nonzero if normalize == "unit" else clean.included  # rewards that get weight
+        zero = members & ~nonzero
+        lam = np.zeros(k)
+        if not members.any() or (normalize == "unit" and not nonzero.any()):
+            members = np.zeros(k, dtype=bool)  # nothing to balance: all-zero weights
+        elif zero.any() and min_weight == 0.0:
+            lam[zero] = 1.0 / zero.sum()  # 0 is in the hull: d = 0
+        elif nonzero.sum() == 1 and not zero.any():
+            lam[nonzero] = 1.0
         else:
-            norms = clean.norms[clean.active]
+            norms = clean.norms[nonzero]
             # Simplex row Σλ = 1 in μ (λ = c·μ), scaled to max coefficient 1; floor λ ≥ m ⇔ μ ≥ m/c.
             c = 1.0 / norms if normalize == "none" else np.ones_like(norms)
             c = c / c.max()
-            mu, iterations, flags["solver_fallback"] = self._solve_scaled(clean.unit, c, min_weight / c)
-            lam = np.zeros(k)
-            lam[clean.active] = mu * c
-        lam = _clean_simplex(lam, min_weight, clean.active)
+            unit, lower = clean.unit, min_weight / c
+            if zero.any():  # one slack variable σ = Σ_{zero} λ_k ≥ m·#zero, no curvature
+                unit = np.pad(unit, ((0, 1), (0, 1)))
+                c, lower = np.append(c, 1.0), np.append(lower, min_weight * zero.sum())
+            mu, iterations, flags["solver_fallback"] = self._solve_scaled(unit, c, lower)
+            if zero.any():
+                lam[zero] = mu[-1] / zero.sum()
+                mu, c = mu[:-1], c[:-1]
+            lam[nonzero] = mu * c
+        lam = _clean_simplex(lam, min_weight, members)
         weights = loss_weights(lam, clean.norms, normalize)
         if not np.all(np.isfinite(weights)):
             weights, flags["solver_fallback"] = lam.copy(), True
-        metrics = {f"balancer/{name}": float(value) for name, value in flags.items()}
-        metrics["balancer/degenerate"] = float(any(flags.values()))
+        metrics = balancer_metrics(flags, clean.included)
         metrics["balancer/qp_iterations"] = float(iterations)
-        metrics["balancer/active_rewards"] = float(clean.active.sum())
-        return MinNormResult(lam, weights, metrics, clean.norms, clean.active)
+        return MinNormResult(lam, weights, metrics, clean.norms, clean.included)
 
     def _solve_scaled(self, unit: np.ndarray, c: np.ndarray, lower: np.ndarray
                       ) -> tuple[np.ndarray, int, bool]:
         """min μᵀHμ s.t. cᵀμ = 1, μ ≥ lower → (μ, OSQP iterations, fell back?)."""
+        if not lower.any() and unit.shape[0] == 2:  # the segment's closest point, in closed form
+            a, b, r = unit[0, 0] / c[0] ** 2, unit[1, 1] / c[1] ** 2, unit[0, 1] / (c[0] * c[1])
+            spread = a + b - 2.0 * r  # ‖g_1 − g_2‖² in λ units
+            t = 0.5 if not spread > 0 else min(max((b - r) / spread, 0.0), 1.0)
+            return np.array([t / c[0], (1.0 - t) / c[1]]), 0, False
+        if not lower.any():
+            fast = _min_norm_by_bounds(unit, c)
+            if fast is not None:
+                return fast, 0, False
         n = unit.shape[0]
         A = np.vstack([c[None, :], np.eye(n)])
         lo = np.concatenate([[1.0], lower])
@@ -421,14 +604,37 @@ class MinNormQP:
         return best / (c @ best), result.iterations, not result.solved
 
 
-def _clean_simplex(lam: np.ndarray, min_weight: float, active: np.ndarray) -> np.ndarray:
-    """Clip round-off below the floor and renormalize to Σλ = 1 (inactive rewards keep 0)."""
-    lam = np.where(np.isfinite(lam), lam, 0.0)
-    floor = np.where(active, min_weight, 0.0) if active.any() else np.zeros_like(lam)
-    lam = np.maximum(lam, floor)
+def _min_norm_by_bounds(unit: np.ndarray, c: np.ndarray) -> np.ndarray | None:
+    """min μᵀHμ s.t. cᵀμ = 1, μ ≥ 0 through the bound-constrained QP x* = argmin_{x ≥ 0}
+    ½xᵀHx − cᵀx: its KKT conditions (Hx)_k ≥ c_k, with equality where x_k > 0, are the simplex
+    problem's for μ = x*/cᵀx* (multiplier 1/cᵀx* = μᵀHμ). Solved exactly by
+    :func:`box_qp_batch`; None when the min-norm point is (nearly) 0, where that QP is unbounded,
+    or when the answer does not verify — the caller then uses OSQP and the active-set refinement.
+    """
+    n = unit.shape[0]
+    x, _, converged = box_qp_batch(unit, np.zeros((1, n)), np.full((1, n), np.inf), q=-c[None, :],
+                                   fallback=False)
+    x = x[0]
+    total = float(c @ x)
+    if not converged[0] or not np.isfinite(total) or total <= 0 or total > 1e12:
+        return None
+    gradient = unit @ x - c
+    tolerance = 1e-9 * (np.abs(unit) @ x + c)
+    if np.any(gradient < -tolerance) or np.any(np.abs(gradient[x > 0]) > tolerance[x > 0]):
+        return None
+    return x / total
+
+
+def _clean_simplex(lam: np.ndarray, min_weight: float, members: np.ndarray) -> np.ndarray:
+    """Clip round-off below the floor and renormalize to Σλ = 1 over ``members`` (the rest
+    keeps 0; no members: all 0)."""
+    lam = np.where(np.isfinite(lam) & members, lam, 0.0)
+    if not members.any():
+        return lam
+    lam = np.maximum(lam, np.where(members, min_weight, 0.0))
     total = lam.sum()
     if not total > 0:
-        return np.full_like(lam, 1.0 / lam.size)
+        return np.where(members, 1.0 / members.sum(), 0.0)
     return lam / total
 
 
@@ -441,13 +647,19 @@ def ema_update(previous: np.ndarray | None, current: np.ndarray, rho: float) -> 
     return rho * previous + (1.0 - rho) * current
 
 
+# Flags that are ordinary situations, answered exactly: metrics only, no warning (two rewards
+# with parallel gradients make any Gram rank-deficient; a step without an active reward is
+# already named by the trainer's own warning).
+QUIET_FLAGS = ("rank_deficient", "no_active")
+
+
 def warn_degenerate(name: str, metrics: dict[str, float]) -> None:
     """One warning naming what was degenerate (Python shows each distinct message once)."""
-    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS)
+    issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS if f not in QUIET_FLAGS)
               if metrics.get(key, 0.0)]
     if issues:
         warnings.warn(f"balancer {name!r}: degenerate Gram matrix ({', '.join(issues)}); "
-                      "used a defined fallback on the simplex", RuntimeWarning, stacklevel=3)
+                      "used its defined answer (see the balancer's docs)", RuntimeWarning, stacklevel=3)
 
 
 def to_tensor(values: np.ndarray) -> Tensor:
@@ -477,17 +689,82 @@ def solve_period_due(step: int, every: int) -> bool:
     return step % every == 0
 
 
-def finite_or_uniform(weights: np.ndarray) -> np.ndarray:
-    """Never hand NaN weights to the trainer."""
-    if np.all(np.isfinite(weights)) and weights.sum() > 0:
-        return weights
-    return np.full(weights.shape, 1.0 / max(weights.size, 1))
+class WeightsBalancer(abc.ABC):
+    """What balancers whose solve gives loss weights directly (upgrad, pcgrad, cagrad) share:
+    the contract's :meth:`weights` around their ``solve(gram, active) -> (weights, metrics)``,
+    λ = w/Σw for logging, the degenerate-step counter and the checkpointed state."""
+
+    needs_gram = True
+    summed_reward_weights = None
+    gram_metric = "euclidean"
+    name = "balancer"
+
+    def __init__(self, num_rewards: int):
+        self.num_rewards = check_num_rewards(num_rewards, f"balancer {self.name!r}")
+        self.lam = uniform(num_rewards)
+        self.degenerate_steps = 0
+        self.metrics: dict[str, float] = {}
+
+    @abc.abstractmethod
+    def solve(self, gram: np.ndarray, active: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """(K,) loss weights and this solve's metrics (with ``balancer/degenerate``) for a float64 Gram."""
+
+    def solve_step(self, gram: np.ndarray, step: int, active: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """This step's solve (a balancer that depends on the step, e.g. PCGrad's seeded order,
+        overrides it)."""
+        return self.solve(gram, active)
+
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+        where = f"balancer {self.name!r}"
+        array = as_gram_array(gram, self.num_rewards, where)
+        weights, metrics = self.solve_step(array, step, as_active_mask(active, self.num_rewards, where))
+        self.degenerate_steps += int(metrics["balancer/degenerate"])
+        metrics["balancer/degenerate_steps"] = float(self.degenerate_steps)
+        metrics["balancer/weight_sum"] = float(weights.sum())
+        self.metrics = metrics
+        warn_degenerate(self.name, metrics)
+        total = weights.sum()
+        self.lam = to_tensor(weights / total if total > 0 else weights)
+        return to_tensor(weights)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"lam": self.lam.clone(), "degenerate_steps": torch.tensor(float(self.degenerate_steps))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        where = f"balancer {self.name!r}"
+        self.lam = state_tensor(state, "lam", (self.num_rewards,), where)
+        self.degenerate_steps = int(state_tensor(state, "degenerate_steps", (), where))
+
+
+def accepts_active(balancer: object) -> bool:
+    """Whether ``balancer.weights`` takes the ``active`` keyword (the current contract)."""
+    try:
+        parameters = inspect.signature(balancer.weights).parameters
+    except (TypeError, ValueError):
+        return False
+    return "active" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def balance(balancer: Balancer, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+    """The trainer's call: ``balancer.weights(gram, step, active=active)``.
+
+    A balancer written before ``active`` existed gets a Gram whose inactive rows and columns
+    are zero, and its weights of inactive rewards are set to 0 afterwards.
+    """
+    if accepts_active(balancer):
+        return balancer.weights(gram, step, active=active)
+    if active is None or gram is None or bool(active.all()):
+        return balancer.weights(gram, step)
+    mask = active.to(device=gram.device, dtype=torch.bool)
+    keep = (mask[:, None] & mask[None, :]).to(gram.dtype)
+    weights = balancer.weights(torch.where(keep.bool(), gram, torch.zeros_like(gram)), step)
+    return torch.where(mask.to(weights.device), weights, torch.zeros_like(weights))
 
 
 __all__ = [
-    "Balancer", "CleanGram", "DenseQP", "MinNormQP", "MinNormResult", "QPResult",
-    "as_gram_array", "check_gram_metric", "check_min_weight", "check_normalize",
-    "check_num_rewards", "ema_update", "finite_or_uniform", "kkt_residual", "loss_weights",
-    "refine_active_set", "sanitize_gram", "solve_period_due", "state_tensor", "to_tensor",
-    "uniform", "warn_degenerate",
+    "Balancer", "CleanGram", "DenseQP", "MinNormQP", "MinNormResult", "QPResult", "WeightsBalancer",
+    "accepts_active", "active_set_qp", "as_active_mask", "as_gram_array", "balance", "balancer_metrics",
+    "box_qp_batch", "check_gram_metric", "check_max_weight", "check_min_weight", "check_normalize",
+    "check_num_rewards", "ema_update", "kkt_residual", "loss_weights", "refine_active_set",
+    "sanitize_gram", "solve_period_due", "state_tensor", "to_tensor", "uniform", "warn_degenerate",
 ]

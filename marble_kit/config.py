@@ -20,6 +20,7 @@ GRAM_MODES = ("affine", "exact", "periodic", "none")
 LOSS_SPACES = ("x0", "velocity")
 REWARD_SCOPES = ("judged", "all")
 DEFAULT_REWARDS = ["color", "shape", "word", "sharpness"]
+TRACKERS = ("tensorboard", "wandb")  # report_to choices (marble_kit.tracking)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -88,6 +89,9 @@ class TrainConfig:
     reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device), "
                             "'offload' (kept on the CPU, moved to the policy's device only while "
                             "scoring: saves GPU memory between rollouts) or a torch device such as 'cpu'.")
+    report_to: list = _f([], "Experiment trackers that also get every metrics line and sample grid: "
+                         "tensorboard (event files in RUN/tensorboard), wandb (RUN/wandb; "
+                         "WANDB_MODE=offline needs no network); [] or 'none' = off.")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> MarbleError:
@@ -95,6 +99,13 @@ class TrainConfig:
 
         if isinstance(self.rewards, str):
             self.rewards = [n.strip() for n in self.rewards.split(",") if n.strip()]
+        if isinstance(self.report_to, str):
+            self.report_to = [n.strip() for n in self.report_to.split(",")]
+        self.report_to = list(dict.fromkeys(n for n in self.report_to if n not in ("", "none")))
+        unknown = [n for n in self.report_to if n not in TRACKERS]
+        if unknown:
+            raise bad("report_to", f"names an unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} "
+                      "(comma-separated) or none")
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
         if not self.rewards:

@@ -339,23 +339,28 @@ def _adam_state(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 
 
 def metric_gram(grads: Tensor, optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor],
-                metric: str = "adam", grad_scale: float = 1.0) -> Tensor:
+                metric: str = "adam", grad_scale: float = 1.0, anchor: Tensor | None = None) -> Tensor:
     """The Gram in the metric of the optimizer's next step (SPEC §2, notes/conflict-experiment).
 
     * ``"euclidean"``: G = g gᵀ.
     * ``"adam"``: G_kl = ⟨g_k, P g_l⟩ with P = 1/(√v̂ + ε) from Adam's state (identity before
       the first step). MGDA on it makes the *preconditioned* fused gradient P·d conflict-free.
-    * ``"adam-momentum"``: the Gram of the momentum-shifted gradients
-      e_k = β1·m + (1−β1)·s·g_k in P's metric, E_kl = ⟨e_k, P e_l⟩ (s = ``grad_scale``, e.g.
-      the clipping factor). Why: Adam's next step is ∝ P·(β1·m + (1−β1)·d) and, for weights on
-      the simplex, P·(β1·m + (1−β1)·Σλ_k g_k) = P·Σλ_k e_k — the step is the point of the convex
-      hull of the e_k that λ selects. MGDA on E picks the min-norm point z* of that hull; its
-      KKT conditions ⟨e_k, P z*⟩ ≥ ‖z*‖²_P give, after subtracting the momentum part,
-      ⟨g_k, u⟩ ≥ ⟨d, u⟩ for the actual step u = P z*: every reward is at least as aligned
-      with the step as the fused gradient itself, with equality on the support — the balance
-      is done on the step Adam takes, not on the gradient it receives. First order: P is the
-      current one (the new v̂ barely changes it), AdamW's decoupled decay is not included.
-      Use it with loss weights that sum to one (normalize="none").
+    * ``"adam-momentum"``: the Gram E_kl = ⟨e_k, P e_l⟩ of the momentum-shifted gradients
+      e_k = β1·m + (1−β1)·s·(g_k + a) + ω (:class:`MomentumGramParts`, s = ``grad_scale``).
+
+    The guarantee of ``"adam-momentum"``, precisely. AdamW's descent direction this step (its
+    step divided by lr/(1−β1^t)) is u = P'·(β1·m + (1−β1)·s·(d + a)) + (1−β1^t)·wd·θ, with d
+    the balanced gradient, a the unbalanced anchor gradient, s the clip factor, wd the decoupled
+    weight decay and P' the preconditioner *after* this step's v update. With P' replaced by
+    P (Adam's preconditioner before the step) and ω = (1−β1^t)·wd·θ/P, u = P·Σλ_k e_k for λ on
+    the simplex, and the KKT conditions of MGDA's min-norm λ* on E give
+    ⟨g_k, u⟩ ≥ ⟨d, u⟩ for every reward — exact (to the solver's round-off) when:
+    λ is the exact min-norm solution (no floor, no EMA, normalize="none": the balancers refuse
+    other combinations), s is this step's clip factor (:func:`consistent_clip_scale`), and
+    the anchor gradient is passed here. First order, the one approximation left: P' ≠ P. The
+    new v̂ mixes in (1−β2)·ĝ², a relative change of about (1−β2)·(ĝ²/v̂ − 1) per coordinate: at
+    the first step Adam's direction is sign(ĝ) and nothing is guaranteed; after ~1/(1−β2)
+    steps the margin is small (measured in `marble bench optimizer`).
     """
     if metric == "euclidean":
         return gram_matrix(grads)
@@ -363,11 +368,83 @@ def metric_gram(grads: Tensor, optimizer: torch.optim.Optimizer | None, params: 
         raise MarbleError(f"unknown Gram metric {metric!r}; use euclidean, adam or adam-momentum")
     if optimizer is None:
         raise MarbleError(f"the {metric!r} Gram needs the optimizer")
+    if metric == "adam-momentum":
+        return adam_momentum_parts(grads, optimizer, params, anchor).gram(grad_scale)
+    precond, _momentum, _beta1 = _adam_state(optimizer, params)
+    g = grads.detach().double().to(precond.device)
+    return (g * precond[None, :]) @ g.T
+
+
+@dataclass
+class MomentumGramParts:
+    """E(s) = ⟨c + s·h_k, P(c + s·h_l)⟩ as a polynomial in the clip factor s, with the shared
+    part c = β1·m + ω and h_k = (1−β1)·(g_k + a): E(s) = ⟨c,Pc⟩ + s·(⟨c,Ph_k⟩ + ⟨c,Ph_l⟩) +
+    s²·⟨h_k,Ph_l⟩. Also the euclidean Gram of g_k + a, whose λ-quadratic is ‖d + a‖² (what
+    clipping looks at)."""
+
+    shared: Tensor            # ⟨c, P c⟩ (scalar)
+    cross: Tensor             # [K] ⟨c, P h_k⟩
+    spread: Tensor            # [K, K] ⟨h_k, P h_l⟩
+    fused_gram: Tensor        # [K, K] ⟨g_k + a, g_l + a⟩
+
+    def gram(self, scale: float = 1.0) -> Tensor:
+        return self.shared + scale * (self.cross[:, None] + self.cross[None, :]) + scale * scale * self.spread
+
+    def fused_norm(self, lam: Tensor) -> float:
+        """‖Σλ_k g_k + a‖ for λ on the simplex."""
+        lam = lam.to(self.fused_gram)
+        return float(torch.sqrt(torch.clamp(lam @ self.fused_gram @ lam, min=0.0)))
+
+
+def adam_momentum_parts(grads: Tensor, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                        anchor: Tensor | None = None) -> MomentumGramParts:
+    """The pieces of the ``adam-momentum`` Gram (see :func:`metric_gram`), including the anchor
+    gradient ``anchor`` [P] and AdamW's decoupled weight decay of the coming step."""
     precond, momentum, beta1 = _adam_state(optimizer, params)
     g = grads.detach().double().to(precond.device)
-    if metric == "adam-momentum":
-        g = beta1 * momentum[None, :] + (1.0 - beta1) * grad_scale * g
-    return (g * precond[None, :]) @ g.T
+    if anchor is not None:
+        g = g + anchor.detach().double().to(precond.device)[None, :]
+    shared = beta1 * momentum + _decay_shift(optimizer, params, precond, beta1)
+    h = (1.0 - beta1) * g
+    ph = h * precond[None, :]
+    return MomentumGramParts(shared=(shared * precond) @ shared, cross=ph @ shared, spread=ph @ h.T,
+                             fused_gram=g @ g.T)
+
+
+def _decay_shift(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], precond: Tensor,
+                 beta1: float) -> Tensor:
+    """ω = (1−β1^t)·wd·θ/P: AdamW's decoupled decay of the coming step t, written inside P·(…)."""
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return torch.zeros_like(precond)
+    parts = []
+    for p in params:
+        group = group_of[id(p)]
+        state = optimizer.state.get(p, {})
+        step = float(state["step"]) + 1.0 if "step" in state else 1.0
+        parts.append((1.0 - beta1 ** step) * group["weight_decay"] * p.detach().double().reshape(-1))
+    return torch.cat(parts).to(precond.device) / precond
+
+
+def consistent_clip_scale(parts: MomentumGramParts, max_norm: float, solve, tol: float = 1e-12) -> float:
+    """The clip factor s this step's clipping will apply, found together with the λ it depends
+    on: s = min(1, max_norm/‖d(λ(s)) + a‖), λ(s) = ``solve(parts.gram(s))`` (the min-norm λ on
+    the simplex as a tensor). No clipping at s = 1 ends at once; otherwise bisection on (0, 1]
+    (s − min(1, max_norm/‖…‖) is negative near 0 and ≥ 0 at 1)."""
+    def gap(scale: float) -> float:
+        norm = parts.fused_norm(solve(parts.gram(scale)))
+        return scale - (min(1.0, max_norm / norm) if norm > 0 else 1.0)
+
+    if max_norm <= 0 or gap(1.0) <= 0:
+        return 1.0
+    low, high = 0.0, 1.0
+    while high - low > tol * high:
+        middle = 0.5 * (low + high)
+        if gap(middle) < 0:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 # ---------------------------------------------------------------------------- diagnostics

@@ -21,9 +21,11 @@ hookimpl = pluggy.HookimplMarker("marble")
 def register_rewards(register):
     """Register reward models.
 
-    ``factory(**options)`` returns a :class:`marble_kit.rewards.Reward`: a callable
+    ``factory(**options)`` returns a :class:`marble_kit.rewards.Reward`, or any callable
     ``reward(images, prompts) -> Tensor[B]`` (images float in [0, 1], NCHW; higher is better;
-    NaN for samples the reward does not apply to).
+    NaN for samples the reward does not apply to). A plain callable is wrapped in a
+    :class:`marble_kit.rewards.CallableReward` named after the registered name; anything that
+    is not callable is refused when the reward is built.
     """
 
 

@@ -53,6 +53,13 @@ def _plot(rows, prefix: str, title: str, ylabel: str, path: Path, zero_line: boo
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Lay out, write atomically as PNG (into ``path``.tmp, then renamed) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 
 def summarize(metrics: dict[str, Any], reward_names: list[str]) -> str:
@@ -31,17 +32,37 @@ def summarize(metrics: dict[str, Any], reward_names: list[str]) -> str:
     return " · ".join(parts)
 
 
+def header(config) -> str:
+    """The line a run starts with (printed once every check has passed)."""
+    return (f"[bold]marble train[/] → {config.out}  policy={config.policy}  rewards={','.join(config.rewards)}  "
+            f"balancer={config.balancer}  gram={config.gram}")
+
+
 class TrainProgress:
+    """The progress line; with a ``console``, the run's header is printed first.
+
+    The step count and the ETA keep their width on a narrow terminal (80 columns): only the
+    reward summary at the end of the line is cut (with an ellipsis), and the bar shrinks.
+    """
+
     def __init__(self, config, enabled: bool = True, console: Console | None = None, start: int = 0):
-        self.config, self.enabled, self.start = config, enabled, start
+        self.config, self.enabled, self.start, self.console = config, enabled, start, console
+        fixed = {"no_wrap": True}
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[summary]}"),
-            console=console, disable=not enabled, transient=False,
+            TextColumn("[bold]train", table_column=Column(**fixed)),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=5, max_width=30, **fixed)),
+            MofNCompleteColumn(table_column=Column(**fixed)),
+            TimeElapsedColumn(table_column=Column(**fixed)),
+            TimeRemainingColumn(table_column=Column(**fixed)),
+            TextColumn("{task.fields[summary]}",
+                       table_column=Column(ratio=3, overflow="ellipsis", **fixed)),
+            console=console, disable=not enabled, transient=False, expand=True,
         )
         self.task = None
 
     def __enter__(self) -> TrainProgress:
+        if self.console is not None:
+            self.console.print(header(self.config), highlight=False, overflow="fold")
         self.progress.__enter__()
         self.task = self.progress.add_task("train", total=self.config.steps, completed=self.start,
                                            summary="rollout…")

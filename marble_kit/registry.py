@@ -156,11 +156,16 @@ def build(kind: str, name: str, options: dict[str, Any] | None = None, *args: An
     options = dict(options or {})
     check_options(info, options, positional=len(args))
     try:
-        return info.factory(*args, **options)
+        built = info.factory(*args, **options)
     except MarbleError:
         raise
     except (TypeError, ValueError) as exc:
         raise MarbleError(f"{kind} {name!r}: invalid options {options}: {exc}") from exc
+    if kind == "reward":  # the hookspec allows any callable reward(images, prompts): wrap it
+        from marble_kit.rewards import as_reward
+
+        built = as_reward(built, name, info.provider)
+    return built
 
 
 def accepted_options(info: PluginInfo, positional: int = 0) -> dict[str, inspect.Parameter] | None:

@@ -13,11 +13,17 @@ so a failed start never changes what is already on disk.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import math
+import os
 import signal
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +37,18 @@ from marble_kit.distributed import Distributed, tensors_digest
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
 from marble_kit.prompts import _split_tags
+from marble_kit.tracking import Tracker, check_trackers, open_tracker
 from marble_kit.trainer import Trainer, build_components
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".marble.lock"  # one writer per run directory (see RunDirectoryLock)
 SAMPLES_DIR = "samples"
 SAMPLE_SEED_OFFSET = 424242  # sample grids use their own noise, never the training generator
 SAMPLE_COUNT = 8
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUMABLE_KEYS = {"steps", "out", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "threads", "optimizer_sharding"}
+                  "threads", "optimizer_sharding", "report_to"}
 
 
 @dataclass
@@ -78,7 +86,7 @@ def check_run_dir(config: TrainConfig, resume: bool) -> None:
     if not config_path.exists():
         if resume:
             raise MarbleError(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the directory of an earlier run")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise MarbleError(f"{run_dir} is not empty and holds no marble run; choose another --out")
         return
     previous = TrainConfig.from_toml(config_path)
@@ -221,6 +229,23 @@ def _sigint_as_flag() -> Iterator[dict[str, bool]]:
             pass
 
 
+# ------------------------------------------------------------------ reward counters
+
+def reward_metrics(trainer: Trainer) -> dict[str, float]:
+    """Counters a reward keeps about its last call (a ``metrics`` dict, e.g. the OCR reward's
+    ``failures``), summed over ranks, as ``reward_<key>/<reward name>``."""
+    keys, values = [], []
+    for name, reward in zip(trainer.reward_names, trainer.rewards):
+        counters = getattr(reward, "metrics", None)
+        for key, value in (counters.items() if isinstance(counters, dict) else ()):
+            keys.append(f"reward_{key}/{name}")
+            values.append(float(value))
+    if not keys:
+        return {}
+    total = trainer.dist.all_reduce_mean(torch.tensor(values, dtype=torch.float64)) * trainer.dist.world_size
+    return dict(zip(keys, total.tolist()))
+
+
 # ------------------------------------------------------------------ sample grids
 
 def sample_prompts(prompt_sets, count: int = SAMPLE_COUNT) -> list[str]:
@@ -248,6 +273,110 @@ def save_samples(trainer: Trainer, run_dir: Path, step: int) -> Path:
     return save_grid(sample_images(trainer.policy, trainer.config, prompts), path, captions=prompts)
 
 
+# ------------------------------------------------------------------ one writer per run directory
+
+class RunDirectoryLock:
+    """An exclusive OS lock (``flock``) on ``<run dir>/.marble.lock``, held for a run's life.
+
+    The kernel releases it when the holder exits in any way (Ctrl-C, a crash, kill -9), so a
+    stale lock file never blocks anything. The file holds the holder's pid and host, for the
+    error message of a second writer. A run that fails before writing anything leaves no trace:
+    :meth:`release` removes the lock file, and the directory when the lock created it.
+    """
+
+    def __init__(self, run_dir: Path, fd: int, created: list[Path]):
+        self.run_dir, self.fd, self.created = run_dir, fd, created  # created: directories, deepest first
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_FILE
+
+    @classmethod
+    def acquire(cls, run_dir: str | Path) -> RunDirectoryLock:
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MarbleError(f"--out {run_dir} is a file; choose a directory")
+        created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MarbleError(f"cannot create the run directory {run_dir}: {exc.strerror}; "
+                              "choose another --out") from None
+        path = run_dir / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise MarbleError(f"cannot lock the run directory {run_dir} ({exc.strerror}); its "
+                                      "filesystem does not support flock: choose an --out on a local disk") from None
+                raise MarbleError(f"{run_dir} is in use by another marble process ({_lock_holder(path)}); "
+                                  "wait for it to finish, or stop it, or choose another --out") from None
+            # The previous holder may have removed the file between our open and our lock:
+            # then we hold a lock on a file nobody else can see; open the current one again.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        return cls(run_dir, fd, created)
+
+    def release(self) -> None:
+        """Remove the lock file (and the directories the lock created, if nothing else was
+        written into them), then unlock: a file removed while locked cannot be locked twice."""
+        try:
+            self.path.unlink(missing_ok=True)
+            for directory in self.created:
+                if any(directory.iterdir()):
+                    break
+                directory.rmdir()
+        except OSError:
+            pass  # the kernel still releases the lock below
+        finally:
+            os.close(self.fd)
+
+
+def _lock_holder(path: Path) -> str:
+    """'pid N' (and the host when it is another one) of a lock file's holder."""
+    try:
+        pid, _, host = path.read_text().strip().partition(" ")
+    except OSError:
+        pid, host = "", ""
+    if not pid:
+        return "its pid is not recorded yet"
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+def holding_run_directory(train_function: Callable[..., RunResult]) -> Callable[..., RunResult]:
+    """Run ``train_function(config, ..., dist=...)`` holding its run directory's lock.
+
+    Only rank 0 of a multi-process run takes it; when it cannot, every rank raises the same
+    one-line MarbleError (naming the holder's pid) before anything else happens.
+    """
+    signature = inspect.signature(train_function)
+
+    @functools.wraps(train_function)
+    def wrapper(*args: Any, **kwargs: Any) -> RunResult:
+        bound = signature.bind(*args, **kwargs)
+        dist = bound.arguments.get("dist") or Distributed()
+        bound.arguments["dist"] = dist
+        run_dir = Path(bound.arguments["config"].out)
+        lock = dist.run_on_main(lambda: RunDirectoryLock.acquire(run_dir))
+        try:
+            return train_function(*bound.args, **bound.kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    return wrapper
+
+
 # ------------------------------------------------------------------ the run
 
 def _resume_point(config: TrainConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -263,12 +392,14 @@ def _resume_point(config: TrainConfig) -> tuple[dict[str, Any] | None, dict[str,
     return meta, state
 
 
+@holding_run_directory
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           dist: Distributed | None = None, console: Any = None) -> RunResult:
     """Train ``config`` (or resume its run directory) and return the metric history.
 
     Order matters: every check (run directory, checkpoint, prompts, plugins) runs before the
-    first write, so bad input leaves the disk as it was.
+    first write, so bad input leaves the disk as it was. The whole run holds the directory's
+    lock (:class:`RunDirectoryLock`): a second writer is refused.
     """
     from marble_kit.plots import plot_run
     from marble_kit.progress import TrainProgress
@@ -281,7 +412,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         torch.set_num_threads(config.threads)
     run_dir = Path(config.out)
     check_run_dir(config, resume)
+    dist.run_on_main(lambda: check_trackers(config.report_to))
     meta, state = _resume_point(config) if resume else (None, None)
+    # torch's global RNG starts from a random seed in every process: seed it, so that a plugin
+    # drawing from it is reproducible; a resume then restores the checkpoint's state.
+    torch.manual_seed(config.seed)
     components = build_components(config)
     trainer = Trainer(config, components, dist=dist)
     if state is not None:
@@ -318,21 +453,25 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
     history: list[dict[str, Any]] = []
     interrupted = False
-    bar = TrainProgress(config, enabled=progress and dist.is_main, console=console, start=start_step)
+    bar = TrainProgress(config, enabled=progress and dist.is_main, console=console if dist.is_main else None,
+                        start=start_step)  # with a console: the header, now that every check passed
+    tracker = open_tracker(config, start_step) if dist.is_main else Tracker()  # report_to: rank 0 only
     with _sigint_as_flag() as sigint:
-        with bar:
+        with bar, tracker:
             if dist.is_main and config.sample_every and start_step == 0:
-                save_samples(trainer, run_dir, 0)
+                tracker.log_image("samples", save_samples(trainer, run_dir, 0), 0)
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 metrics = trainer.step()
+                metrics.update(reward_metrics(trainer))
                 history.append(metrics)
                 step = trainer.step_count
                 if dist.is_main:
                     if step % config.log_every == 0 or step == config.steps:
                         append_metrics(metrics_path, metrics)
+                        tracker.log_metrics(metrics)
                     if config.sample_every and step % config.sample_every == 0:
-                        save_samples(trainer, run_dir, step)
+                        tracker.log_image("samples", save_samples(trainer, run_dir, step), step)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     checkpoint()
                 bar.update(metrics)

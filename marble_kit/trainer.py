@@ -13,7 +13,6 @@ One step, top to bottom:
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 import warnings
@@ -24,6 +23,7 @@ import torch
 
 from marble_kit import gram as gram_ops
 from marble_kit.advantages import group_advantages, reward_statistics, summed_rewards
+from marble_kit.balancing import MinNormQP, balance
 from marble_kit.config import TrainConfig
 from marble_kit.distributed import Distributed
 from marble_kit.errors import MarbleError
@@ -96,19 +96,9 @@ def build_components(config: TrainConfig) -> Components:
 
 
 def balance_weights(balancer: Any, gram: torch.Tensor, step: int, active: torch.Tensor) -> torch.Tensor:
-    """Loss weights from ``balancer`` over the active rewards, 0 for the others (float64, CPU).
-
-    A balancer whose ``weights`` takes ``active`` solves the problem of the active rewards; one
-    that does not (an older third-party plugin) sees the inactive rows and columns of the Gram
-    as 0, and its weights for them are set to 0 afterwards.
-    """
+    """:func:`marble_kit.balancing.balance` as float64 on the CPU, exactly 0 for inactive rewards."""
     active = active.cpu()
-    if "active" in inspect.signature(balancer.weights).parameters:
-        weights = balancer.weights(gram, step, active=active)
-    else:
-        keep = active.to(gram.device, torch.float64)
-        weights = balancer.weights(gram * keep[:, None] * keep[None, :], step)
-    weights = torch.as_tensor(weights).detach().cpu().double()
+    weights = torch.as_tensor(balance(balancer, gram, step, active)).detach().cpu().double()
     return torch.where(active, weights, torch.zeros_like(weights))
 
 
@@ -189,7 +179,6 @@ class Trainer:
         self.judgement: RowJudgement | None = None  # this step's, for diagnostics
         self._rows, self._passes = 1, 0.0             # training rows and backward passes of the step
         self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
-        self.clip_scale = 1.0
         # Per reward: steps in which it took no part in balancing (a metric, checkpointed) and
         # the current streaks behind the one-line warnings (not state: they only warn).
         self.inactive_steps = torch.zeros(len(self.reward_names), dtype=torch.float64)
@@ -198,6 +187,12 @@ class Trainer:
         self._warned: set[tuple[str, str]] = set()
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
+        if getattr(self.balancer, "gram_metric", "euclidean") == "adam-momentum" and (
+                cfg.gram_rows < 1.0 or cfg.gram == "periodic"):
+            # its guarantee needs this step's anchor gradient and fresh λ at the solve
+            raise MarbleError(f"balancer metric \"adam-momentum\" balances the step Adam takes now; it needs "
+                              f"the whole batch's gradients and a solve every step, not gram_rows="
+                              f"{cfg.gram_rows:g} / --gram {cfg.gram}; use --gram affine or exact, gram_rows=1")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; with ``optimizer_sharding = "zero"`` in a multi-process run, wrapped in torch's
@@ -432,6 +427,23 @@ class Trainer:
         dtype = getattr(self.policy, "autocast_dtype", None) or self.params[0].dtype
         return candidates.cpu() & finite & (norms > numerical_zero_ratio(dtype) * largest) & (norms > 0)
 
+    def _solve_gram(self, gram: torch.Tensor, grads: torch.Tensor, anchor: torch.Tensor,
+                    active: torch.Tensor) -> torch.Tensor:
+        """The Gram the balancer solves on: euclidean, in Adam's metric, or of the momentum-shifted
+        gradients (with the anchor, AdamW's decay and this step's clip factor, which is found
+        together with the λ it depends on: SPEC §2, :func:`marble_kit.gram.metric_gram`)."""
+        metric = getattr(self.balancer, "gram_metric", "euclidean")
+        if metric != "adam-momentum":
+            return gram if metric == "euclidean" else gram_ops.metric_gram(grads, self.optimizer, self.params, metric)
+        parts = gram_ops.adam_momentum_parts(grads, self.optimizer, self.params, anchor=anchor)
+        scale = 1.0
+        if self.config.grad_clip > 0:
+            solver, mask = MinNormQP(), active.cpu().numpy()
+            scale = gram_ops.consistent_clip_scale(
+                parts, self.config.grad_clip,
+                lambda e: torch.as_tensor(solver.solve(e.cpu().numpy(), active=mask).lam))
+        return parts.gram(scale)
+
     def _balance(self, gram: torch.Tensor, step: int, active: torch.Tensor) -> torch.Tensor:
         return balance_weights(self.balancer, gram, step, active)
 
@@ -492,10 +504,7 @@ class Trainer:
             grads, anchor = self.dist.all_reduce_mean(grads), self.dist.all_reduce_mean(anchor)
             gram = gram_ops.gram_matrix(grads)
             active = self._active(gram_batch.candidates, grads)
-            metric = getattr(self.balancer, "gram_metric", "euclidean")
-            solve_gram = gram if metric == "euclidean" else gram_ops.metric_gram(
-                grads, self.optimizer, self.params, metric=metric, grad_scale=self.clip_scale)
-            weights = self._balance(solve_gram, step, active)
+            weights = self._balance(self._solve_gram(gram, grads, anchor, active), step, active)
             # Every rank solved the same QP; rank 0's answer makes λ bitwise equal everywhere.
             weights = self.dist.broadcast_from_main(weights)
             if sampled:
@@ -524,9 +533,6 @@ class Trainer:
         before = [p.detach().clone() for p in self.params] if grads is not None else None
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.sqrt(sum(p.grad.pow(2).sum() for p in self.params if p.grad is not None)))
-        # How much clipping shrank this step's gradient: the momentum-aware Gram of the next
-        # step compares raw per-reward gradients with momentum built from clipped ones.
-        self.clip_scale = min(1.0, cfg.grad_clip / max(float(grad_norm), 1e-12)) if cfg.grad_clip > 0 else 1.0
         self.optimizer.step()
         timings["time/gradient_step"] = self._clock() - gradient_clock
         if before is not None:
@@ -598,7 +604,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "loss_weights": self.loss_weights,
-            "clip_scale": torch.tensor(self.clip_scale, dtype=torch.float64),
             "inactive_steps": self.inactive_steps.clone(),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
@@ -612,7 +617,6 @@ class Trainer:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.balancer.load_state_dict(state["balancer"])
         self.loss_weights = state["loss_weights"]
-        self.clip_scale = float(state["clip_scale"])
         if "inactive_steps" in state:  # checkpoints before per-reward activity start at 0
             self.inactive_steps = torch.as_tensor(state["inactive_steps"], dtype=torch.float64).clone()
         self.generator.set_state(state["generator"])

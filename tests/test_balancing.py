@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from marble_kit.balancing import Balancer, MinNormQP, kkt_residual, sanitize_gram
 from marble_kit.errors import MarbleError
 from marble_kit.registry import build, registry_from_plugins
-from marble_plugins.balancers import marble, mgda, upgrad, weighted_sum
+from marble_plugins.balancers import cagrad, marble, mgda, pcgrad, upgrad, weighted_sum
 
-REGISTRY = registry_from_plugins(weighted_sum, mgda, marble, upgrad)
+REGISTRY = registry_from_plugins(weighted_sum, mgda, marble, upgrad, pcgrad, cagrad)
 
 
 def make(name: str, num_rewards: int, **options):
@@ -203,32 +203,55 @@ def degenerate_cases():
 
 
 @pytest.mark.parametrize("case", list(degenerate_cases()))
-@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad"])
-def test_degenerate_gram_gives_finite_simplex_answer_warning_and_counter(case, name):
+@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+def test_degenerate_gram_gives_finite_answer_warning_and_counter(case, name):
     gram, flag = degenerate_cases()[case]
+    if name in ("pcgrad", "cagrad") and flag in ("rank_deficient", "non_psd"):
+        pytest.skip("no QP on the unit-diagonal Gram: these flags are not computed")
     balancer = make(name, gram.shape[0])
-    with pytest.warns(RuntimeWarning, match="degenerate Gram"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         weights = balancer.weights(torch.tensor(gram), 0)
-    assert torch.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0
-    assert_on_simplex(balancer.lam.numpy(), gram.shape[0])
+    # a rank-deficient Gram is an ordinary case (parallel gradients): a metric, not a warning
+    warned = [w for w in caught if "degenerate Gram" in str(w.message)]
+    assert len(warned) == (0 if flag == "rank_deficient" else 1), [str(w.message) for w in caught]
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    assert torch.isfinite(balancer.lam).all()
+    if case == "all_nan":  # nothing finite to balance: no reward takes part
+        assert weights.sum() == 0 and balancer.lam.sum() == 0
+    else:
+        assert weights.sum() > 0
+    if name in ("mgda-qp", "marble") and case != "all_nan":
+        assert_on_simplex(balancer.lam.numpy(), gram.shape[0])
     assert balancer.metrics[f"balancer/{flag}"] == 1.0
     assert balancer.metrics["balancer/degenerate"] == 1.0
     assert balancer.metrics["balancer/degenerate_steps"] == 1.0
 
 
-def test_degenerate_answers_are_the_sensible_ones():
+def test_degenerate_answers_are_the_defined_limits():
     cases = degenerate_cases()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # One zero gradient: it neither helps nor conflicts, so it is left out of the QP.
-        lam = MinNormQP().solve(cases["one_zero_gradient"][0]).lam
-        assert lam[2] == 0.0
+        # An exactly zero gradient is in the hull's limit: 0 is in the hull, so d = 0 (λ on it).
+        gram = cases["one_zero_gradient"][0]
+        lam = MinNormQP().solve(gram).lam
+        assert lam.tolist() == [0.0, 0.0, 1.0]
+        # With a floor the zero gradient takes what the floor leaves, the rest is still optimal.
+        result = MinNormQP().solve(gram, min_weight=0.2)
+        assert_on_simplex(result.lam, 3)
+        assert np.all(result.lam >= 0.2 - 1e-12)
+        grid = [(a, b) for a in np.linspace(0.2, 0.6, 81) for b in np.linspace(0.2, 0.6, 81) if a + b <= 0.8]
+        best = min(np.array([a, b, 1 - a - b]) @ gram @ np.array([a, b, 1 - a - b]) for a, b in grid)
+        assert result.lam @ gram @ result.lam <= best + 1e-12
+        # With unit normalization a zero gradient has no direction and is left out.
+        assert MinNormQP().solve(gram, "unit").lam[2] == 0.0
         # Duplicated rewards share their weight evenly (minimum-norm refinement).
         lam = MinNormQP().solve(cases["duplicated"][0]).lam
         assert abs(lam[1] - lam[2]) < 1e-6
-        # A NaN row must not steer the update.
+        # A non-finite row must not steer the update.
         lam = MinNormQP().solve(cases["inf_entries"][0]).lam
         assert lam[2] == 0.0
+        # All gradients zero: d = 0 whatever λ; λ splits evenly.
         np.testing.assert_allclose(MinNormQP().solve(cases["all_zero"][0]).lam, 1 / 3)
 
 
@@ -238,10 +261,12 @@ def test_single_reward_gets_weight_one():
     assert balancer.metrics["balancer/degenerate"] == 0.0
 
 
-def test_sanitize_keeps_tiny_but_nonzero_gradients_active():
-    gram = np.diag([1e-6, 1.0, 1e6])
-    clean = sanitize_gram(gram)
-    assert clean.active.all() and not any(clean.flags.values())
+def test_sanitize_keeps_tiny_and_zero_gradients_in_the_problem():
+    clean = sanitize_gram(np.diag([1e-30, 1.0, 1e6, 0.0]))
+    assert clean.included.all() and clean.nonzero.tolist() == [True, True, True, False]
+    assert clean.flags["zero_gradient"] and not clean.flags["nonfinite"]
+    clean = sanitize_gram(np.diag([1e-30, 1.0, 1e6]))
+    assert not any(clean.flags.values())
 
 
 # --------------------------------------------------------------------------- marble / EMA
@@ -281,12 +306,20 @@ def test_marble_state_before_first_solve_and_mismatched_state():
 @settings(max_examples=40, deadline=None)
 @given(gram_params)
 def test_upgrad_direction_conflicts_with_no_reward(params):
+    """Without the cap (max_weight=inf) the paper's guarantee holds for every reward; with the
+    default cap, for every reward whose weight stays below it."""
     seed, k, rank, spread = params
     gram = random_gram(seed, k, min(rank, 12), spread)
-    weights = make("upgrad", k).weights(torch.tensor(gram), 0).numpy()
-    assert np.all(weights >= 1.0 / k - 1e-9)  # v_i ≥ e_i/K for each projection
-    magnitude = np.abs(gram) @ weights  # round-off scale of each ⟨g_k, d⟩
-    assert np.all(gram @ weights >= -1e-7 * magnitude)
+    for max_weight in (np.inf, 1000.0):
+        balancer = make("upgrad", k, max_weight=max_weight)
+        weights = balancer.weights(torch.tensor(gram), 0).numpy()
+        assert np.all(weights >= 1.0 / k - 1e-9)  # v_i ≥ e_i/K for each projection
+        assert np.all(weights <= max_weight * (1 + 1e-12))
+        magnitude = np.abs(gram) @ weights  # round-off scale of each ⟨g_k, d⟩
+        protected = weights < 0.999 * max_weight / k  # below the cap in every projection
+        assert np.all((gram @ weights >= -1e-9 * magnitude)[protected])
+        if max_weight == np.inf:
+            assert protected.all() and balancer.metrics["balancer/capped"] == 0.0
 
 
 def test_upgrad_leaves_agreeing_gradients_alone():
@@ -313,7 +346,7 @@ def test_weighted_sum_modes_and_validation():
 
 
 # --------------------------------------------------------------------- contract / options
-@pytest.mark.parametrize("name", ["weighted-sum", "mgda-qp", "marble", "upgrad"])
+@pytest.mark.parametrize("name", ["weighted-sum", "mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
 def test_every_builtin_follows_the_contract(name):
     balancer = make(name, 3)
     assert isinstance(balancer, Balancer)
@@ -327,36 +360,49 @@ def test_every_builtin_follows_the_contract(name):
     assert torch.allclose(restored.lam, balancer.lam)
 
 
-@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad"])
-def test_a_restored_balancer_repeats_every_later_solve_bit_for_bit(name):
-    """The QP warm start travels in the state: solves after a restore equal the uninterrupted
-    ones exactly, OSQP's iteration counts included (what a bit-exact resume needs)."""
+@pytest.mark.parametrize(("name", "options"), [("mgda-qp", {}), ("marble", {}), ("mgda-qp", {"min_weight": 0.05}),
+                                               ("marble", {"min_weight": 0.05}), ("upgrad", {}), ("pcgrad", {}),
+                                               ("cagrad", {})])
+def test_a_restored_balancer_repeats_every_later_solve_bit_for_bit(name, options):
+    """Solves after a restore equal the uninterrupted ones exactly (what a bit-exact resume
+    needs). With a floor the min-norm QP goes through OSQP, whose warm start travels in the
+    state: its iteration counts repeat too."""
     rng = np.random.default_rng(0)
     grads = rng.normal(size=(4, 12)) * np.array([[0.5], [1.0], [2.0], [4.0]])
     # slowly drifting gradients, as in training: the warm start decides OSQP's iterations
     grams = [torch.tensor((g := grads + 0.05 * rng.normal(size=grads.shape)) @ g.T) for _ in range(8)]
-    uninterrupted = make(name, 4)
+    uninterrupted = make(name, 4, **options)
     expected = [(uninterrupted.weights(g, i), dict(uninterrupted.metrics)) for i, g in enumerate(grams)]
-    first = make(name, 4)
+    first = make(name, 4, **options)
     for i, g in enumerate(grams[:3]):
         first.weights(g, i)
-    resumed = make(name, 4)
+    resumed = make(name, 4, **options)
     resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
     for i, g in enumerate(grams[3:], start=3):
         weights = resumed.weights(g, i)
         assert torch.equal(weights, expected[i][0]), (i, weights, expected[i][0])
         assert resumed.metrics == expected[i][1]
-    if name != "upgrad":
+    if options:
         assert any(m["balancer/qp_iterations"] > 0 for _, m in expected[3:])
 
 
 def test_user_mistakes_are_one_line_marble_errors():
     for options, match in [({"rho": 1.5}, "rho"), ({"min_weight": 0.6}, "min_weight"),
                            ({"normalize": "l2"}, "normalize"), ({"metric": "sgd"}, "metric"),
-                           ({"metric": "adam-momentum", "normalize": "unit"}, "adam-momentum"),
+                           ({"metric": "adam-momentum", "normalize": "unit", "rho": 0.0}, "adam-momentum"),
+                           ({"metric": "adam-momentum"}, "EMA"),  # the default rho = 0.7
+                           ({"metric": "adam-momentum", "rho": 0.0, "min_weight": 0.1}, "min_weight=0"),
                            ({"lr": 1}, "no option")]:
         with pytest.raises(MarbleError, match=match) as info:
             make("marble", 2, **options)
+        assert "\n" not in str(info.value)
+    make("marble", 2, metric="adam-momentum", rho=0.0)  # the fresh min-norm λ: accepted
+    for name, options, match in [("upgrad", {"max_weight": 0.5}, "max_weight"),
+                                 ("pcgrad", {"seed": -1}, "seed"), ("pcgrad", {"reduction": "max"}, "reduction"),
+                                 ("cagrad", {"c": 1.0}, "c=1.0"), ("cagrad", {"rescale": "yes"}, "rescale"),
+                                 ("mgda-qp", {"metric": "adam-momentum", "min_weight": 0.1}, "min_weight=0")]:
+        with pytest.raises(MarbleError, match=match) as info:
+            make(name, 3, **options)
         assert "\n" not in str(info.value)
     with pytest.raises(MarbleError, match="--gram"):
         make("mgda-qp", 2).weights(None, 0)
@@ -368,4 +414,18 @@ def test_builtins_are_registered_through_entry_points():
     from marble_kit.registry import get_registry
 
     names = get_registry(refresh=True).names("balancer")
-    assert {"weighted-sum", "mgda-qp", "marble", "upgrad"} <= set(names)
+    assert {"weighted-sum", "mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"} <= set(names)
+
+
+@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_asymmetric_gram_is_read_as_its_symmetric_part(name, seed):
+    """A Gram from two float reductions can be slightly asymmetric; G + S (S skew) has the same
+    quadratic form as G, so every balancer must answer as for G (it symmetrizes)."""
+    gram = random_gram(seed, 3, 3, 0.5)
+    rng = np.random.default_rng(seed + 10)
+    skew = rng.normal(size=(3, 3)) * 0.2 * np.abs(gram).max()
+    skew = skew - skew.T
+    expected = make(name, 3).weights(torch.tensor(gram), 0)
+    actual = make(name, 3).weights(torch.tensor(gram + skew), 0)
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)

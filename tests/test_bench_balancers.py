@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from marble_cli.app import app
 from marble_kit.bench.balancers import (
-    benchmark_qp,
+    benchmark_balancers,
     optimizer_conflict_benchmark,
     write_json,
 )
@@ -17,24 +17,27 @@ runner = CliRunner()
 
 
 def test_benchmark_rows_and_json(tmp_path):
-    rows = benchmark_qp([2, 5], repeats=5, warmup=2)
-    assert [row["K"] for row in rows] == [2, 5]
+    rows = benchmark_balancers([2, 4], repeats=5, warmup=2)
+    assert [(row["K"], row["balancer"]) for row in rows] == [
+        (k, name) for k in (2, 4) for name in ("mgda-qp", "upgrad", "pcgrad", "cagrad")]
     for row in rows:
-        assert 0 < row["median_ms"] <= row["p90_ms"]
-        assert row["max_kkt_residual"] < 1e-6
+        assert row["median_ms"] > 0 and row["torchjd_median_ms"] > 0
+        assert row["max_error"] < 1e-9  # every marble-kit balancer exact
+        if row["balancer"] in ("upgrad", "cagrad"):
+            assert row["torchjd_max_error"] is not None
     saved = json.loads(write_json(rows, tmp_path / "qp.json").read_text())
-    assert saved["rows"] == rows and "osqp" in saved["machine"]
+    assert saved["rows"] == rows and "osqp" in saved["machine"] and saved["machine"]["torchjd"] == "0.18.0"
 
 
 def test_cli_bench_balancers_table_json_and_errors(tmp_path):
     result = runner.invoke(app, ["bench", "balancers", "--max-k", "3", "--repeats", "3"])
     assert result.exit_code == 0, result.output
-    assert "median ms" in result.output
+    assert "torchjd ms" in result.output and "cagrad" in result.output
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "balancers", "--max-k", "3", "--repeats", "3", "--json",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert [row["K"] for row in json.loads(result.output)["rows"]] == [2, 3]
+    assert sorted({row["K"] for row in json.loads(result.output)["rows"]}) == [2, 3]
     assert out.exists()
     result = runner.invoke(app, ["bench", "balancers", "--max-k", "1"])
     assert result.exit_code == 2 and "--max-k" in result.output

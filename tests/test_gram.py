@@ -242,6 +242,8 @@ def adam_after_steps(steps: int, betas=(0.9, 0.999), amsgrad=False):
 
 def test_metric_gram_is_euclidean_before_the_first_step():
     params, optimizer = adam_after_steps(0)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0  # (the first step's decay enters the momentum Gram: tested below)
     grads = torch.randn(3, 11, dtype=torch.float64)
     for metric in ("euclidean", "adam", "adam-momentum"):
         expected = gram_ops.gram_matrix(grads) * (0.1 ** 2 if metric == "adam-momentum" else 1.0)
@@ -258,7 +260,9 @@ def test_metric_gram_uses_adams_bias_corrected_preconditioner_and_momentum(amsgr
     torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam"),
                                (grads * precond) @ grads.T)
     m = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in params])
-    shifted = 0.9 * m + 0.1 * grads
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    decay = (1 - 0.9 ** 5) * 0.01 * theta / precond  # AdamW's default weight decay, next step t = 5
+    shifted = 0.9 * m + 0.1 * grads + decay
     torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum"),
                                (shifted * precond) @ shifted.T)
     with pytest.raises(MarbleError, match="Adam"):
@@ -288,6 +292,40 @@ def test_momentum_aware_weights_balance_the_actual_adam_step(seed, num_rewards, 
     alignments = grads @ step
     tolerance = 1e-7 * (grads.abs() @ step.abs())
     assert torch.all(alignments >= fused @ step - tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 6), st.floats(0.0, 0.99), st.floats(0.0, 0.2),
+       st.floats(0.05, 5.0))
+def test_momentum_guarantee_is_exact_with_weight_decay_anchor_and_this_steps_clip(seed, k, beta1, decay, max_norm):
+    """With P frozen, AdamW's direction u = P·(β1·m + (1−β1)·s·(d + a)) + (1−β1^t)·wd·θ, the
+    anchor gradient a and the clip factor s that clipping d + a will apply: ⟨g_k, u⟩ ≥ ⟨d, u⟩."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = 9
+    grads = torch.randn(k, dim, generator=generator, dtype=torch.float64)
+    anchor = 0.3 * torch.randn(dim, generator=generator, dtype=torch.float64)
+    param = nn.Parameter(torch.randn(dim, generator=generator, dtype=torch.float64))
+    optimizer = torch.optim.AdamW([param], betas=(beta1, 0.99), weight_decay=decay)
+    for _ in range(3):
+        param.grad = torch.randn(dim, generator=generator, dtype=torch.float64) * 2
+        optimizer.step()
+    parts = gram_ops.adam_momentum_parts(grads, optimizer, [param], anchor=anchor)
+
+    def solve(gram):
+        return torch.as_tensor(MinNormQP().solve(gram.numpy()).lam)
+
+    scale = gram_ops.consistent_clip_scale(parts, max_norm, solve)
+    lam = solve(parts.gram(scale))
+    fused = lam @ grads
+    clipped = torch.nn.utils.get_total_norm([fused + anchor])  # what clip_grad_norm_ sees
+    assert scale == pytest.approx(min(1.0, max_norm / float(clipped)), rel=1e-9)
+    state = optimizer.state[param]
+    precond = 1.0 / ((state["exp_avg_sq"] / (1 - 0.99 ** 3)).sqrt() + 1e-8)
+    direction = (precond * (beta1 * state["exp_avg"] + (1 - beta1) * scale * (fused + anchor))
+                 + (1 - beta1 ** 4) * decay * param.detach())
+    alignments = grads @ direction
+    tolerance = 1e-9 * (grads.abs() @ direction.abs())
+    assert torch.all(alignments >= fused @ direction - tolerance)
 
 
 # ---------------------------------------------------------------------------- diagnostics

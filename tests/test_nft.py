@@ -1,5 +1,6 @@
 """The DiffusionNFT loss: affinity in r, closed-form cotangents vs torch.autograd."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -169,3 +170,19 @@ def test_rank_shares_with_global_counts_average_to_the_global_masked_mean(seed, 
     averaged = torch.stack(shares).mean(0)
     whole = (reward_row_coefficients(judged, counts) * per_row).sum(1)
     assert torch.allclose(averaged, whole, rtol=1e-12, atol=1e-15)
+
+
+def test_losses_against_hand_computed_values():
+    """One element: x_t = 1, x0 = 0.2, t = 0.5, v_θ = 1, v_old = 2, β = 0.5, r = 0.25.
+    v⁺ = 1.5, v⁻ = 2.5. Velocity space (target (x_t − x0)/t = 1.6): e⁺ = 0.01, e⁻ = 0.81,
+    ℓ = (0.25·0.01 + 0.75·0.81)/0.5 = 1.22. x0 space: x̂0⁺ = 0.25, x̂0⁻ = −0.25, so
+    e⁺ = 0.05²/0.05 = 0.05, e⁻ = 0.45²/0.45 = 0.45 and ℓ = (0.25·0.05 + 0.75·0.45)/0.5 = 0.7."""
+    def one(value):
+        return torch.tensor([[value]], dtype=torch.float64)
+
+    args = (one(1.0), one(2.0), one(1.0), one(0.2), torch.tensor([0.5], dtype=torch.float64),
+            torch.tensor([0.25], dtype=torch.float64), 0.5)
+    assert velocity_loss_per_sample(*args).item() == pytest.approx(1.22, rel=1e-12)
+    assert nft_loss_per_sample(*args).item() == pytest.approx(0.7, rel=1e-12)
+    # the anchor: mean over elements, then over samples
+    assert anchor_loss(one(1.0), one(0.5)).item() == pytest.approx(0.25)

@@ -59,7 +59,8 @@ def test_tiny_loads_through_the_sd35_loader(monkeypatch):
                      resolution=64, max_sequence_length=1, steps=3, rank=8)
     tiny = build_tiny_sd3(steps=3)
     assert calls == [str(sd3.TINY_PRIOR_DIR)] * 2
-    assert big.name == "sd3.5" and big.pipeline.text_encoder_3 is None  # no T5 in the prior
+    # sd3.5 loads the prior's no-T5 placeholder, tiny-sd3 skips it: the same zeros either way
+    assert big.name == "sd3.5" and big.pipeline.text_encoder_3 is not None and tiny.pipeline.text_encoder_3 is None
     a = big.sample(PROMPTS[:2], torch.Generator().manual_seed(3))
     b = tiny.sample(PROMPTS[:2], torch.Generator().manual_seed(3))
     torch.testing.assert_close(a.x0, b.x0)
@@ -319,3 +320,35 @@ def test_policies_are_registered():
 
     registry = registry_from_plugins(sd3)
     assert {"tiny-sd3", "sd3.5", "sd3.5-arch"} <= set(registry.names("policy"))
+
+
+def test_an_embedding_does_not_depend_on_which_prompts_were_encoded_with_it():
+    """What a resume needs: the conditioning of a prompt is a function of the prompt alone, not of
+    the batch of new prompts it was first encoded in (sample grids, a fresh cache after restart)."""
+    from marble_kit.prompts import load_prompt_sets
+
+    prompts = load_prompt_sets(["default"])[0].prompts[:8]
+    together = build_tiny_sd3(seed=0, steps=1).encode_prompts(prompts)  # 8 new prompts at once
+    alone = build_tiny_sd3(seed=0, steps=1)
+    for index, prompt in enumerate(prompts):
+        cond = alone.encode_prompts(prompts[:index % 3] + [prompt])  # other batches, other mixes
+        assert torch.equal(cond.prompt_embeds[-1], together.prompt_embeds[index])
+        assert torch.equal(cond.pooled_prompt_embeds[-1], together.pooled_prompt_embeds[index])
+
+
+def test_long_prompts_give_one_note_instead_of_library_warnings_per_batch(capfd):
+    import warnings
+
+    from marble_kit.prompts import load_prompt_sets
+
+    policy = build_tiny_sd3(seed=0, steps=1)
+    prompts = load_prompt_sets(["general"])[0].prompts[:12]
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for start in range(0, len(prompts), 4):
+            policy.encode_prompts(prompts[start:start + 4])
+    notes = [str(w.message) for w in caught]
+    assert len(notes) == 1 and "read 24 tokens of a prompt; longer prompts are cut" in notes[0], notes
+    printed = capfd.readouterr()
+    assert "truncated" not in printed.err + printed.out and "Token indices" not in printed.err + printed.out

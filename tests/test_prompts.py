@@ -297,3 +297,12 @@ def test_default_prompts_adapt_to_the_configured_rewards():
     assert [s.name for s in resolve_prompt_sets(["default"], ["hps"])] == ["general"]
     # anything but the plain `default` is taken as given
     assert [s.name for s in resolve_prompt_sets(["colors:color"], ["color", "shape"])] == ["colors"]
+
+
+def test_each_pass_over_a_set_draws_a_fresh_order():
+    """Every prompt once per pass, and the next pass in a new seeded order (not a replay)."""
+    sampler = PromptSampler(_sets(8), seed=5)
+    first, second, third = ([p for p, _ in sampler.sample(8)] for _ in range(3))
+    assert sorted(first) == sorted(second) == sorted(third)
+    assert first != second and second != third
+    assert [p for p, _ in PromptSampler(_sets(8), seed=5).sample(24)] == first + second + third

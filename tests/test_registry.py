@@ -103,3 +103,118 @@ def test_third_party_example_is_discovered_through_its_entry_point(tmp_path):
     listing = subprocess.run([sys.executable, "-m", "marble_cli.app", "plugins", "--json"], env=env,
                              capture_output=True, text=True, check=True)
     assert "redness" not in {row["name"] for row in __import__("json").loads(listing.stdout)}
+
+
+# ------------------------------------------------------------------ rewards as plain callables
+
+def _mean_red(images, prompts):
+    """A reward that is a plain function, not a Reward subclass."""
+    return images[:, 0].mean(dim=(1, 2)) * 2 - 1
+
+
+class _OnDevice:
+    """A callable with a `to` of its own (like an nn.Module)."""
+
+    def __init__(self):
+        self.devices, self.seen = [], []
+
+    def to(self, device):
+        self.devices.append(str(device))
+        return self
+
+    def __call__(self, images, prompts):
+        self.seen.append((str(images.device), list(prompts)))
+        return [float(len(p)) for p in prompts]  # a list is fine too
+
+
+class _CallablePlugin:
+    __name__ = "callable_plugin"
+
+    def __init__(self):
+        self.on_device = _OnDevice()
+
+    @hookimpl
+    def register_rewards(self, register):
+        register("mean-red", lambda: _mean_red)
+        register("on-device", lambda: self.on_device)
+        register("not-callable", lambda: 42)
+
+
+def test_a_plain_callable_reward_is_wrapped_with_its_registered_name():
+    import torch
+
+    plugin = _CallablePlugin()
+    registry = registry_from_plugins(plugin)
+    reward = build("reward", "mean-red", registry=registry)
+    assert reward.name == "mean-red"
+    assert reward.to("cpu") is reward  # the function has no `to`: a no-op
+    images = torch.zeros(3, 3, 4, 4)
+    images[1, 0] = 1.0
+    scores = reward(images, ["a", "b", "c"])
+    assert scores.dtype == torch.float32 and scores.tolist() == [-1.0, 1.0, -1.0]
+    with pytest.raises(MarbleError, match="reward 'mean-red': expected images"):
+        reward(torch.zeros(2, 4, 4), ["a", "b"])
+
+    on_device = build("reward", "on-device", registry=registry)
+    on_device.to("cpu")
+    assert plugin.on_device.devices == ["cpu"]  # `to` reaches a callable that has one
+    assert on_device(torch.zeros(40, 3, 2, 2), ["ab"] * 40).tolist() == [2.0] * 40
+    assert len(plugin.on_device.seen) == 1  # the whole batch in one call
+
+
+def test_a_reward_factory_returning_a_non_callable_is_refused_naming_the_contract():
+    with pytest.raises(MarbleError) as err:
+        build("reward", "not-callable", registry=registry_from_plugins(_CallablePlugin()))
+    message = str(err.value)
+    assert "reward 'not-callable'" in message and "returned int, which is not callable" in message
+    assert "a callable reward(images, prompts) -> Tensor[B]" in message
+
+
+PLAIN_PLUGIN = '''
+from marble_kit.hookspecs import hookimpl
+
+
+def brightness_gap(images, prompts):
+    return images.mean(dim=(1, 2, 3)) - 0.5
+
+
+@hookimpl
+def register_rewards(register):
+    register("brightness-gap", lambda: brightness_gap, description="a plain function")
+'''
+
+
+def test_a_plain_callable_reward_from_an_entry_point_trains(tmp_path, monkeypatch):
+    """An installed distribution (a dist-info on sys.path, found through importlib.metadata like
+    any pip-installed one) whose factory returns a function: `marble train` with it runs to the
+    end (it used to die with AttributeError: 'function' object has no attribute 'to')."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from marble_cli.app import app
+
+    site = tmp_path / "site"
+    info = site / "plain_reward_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "plain_reward_plugin.py").write_text(PLAIN_PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plain-reward-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[marble]\nplain = plain_reward_plugin\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\na blue square on a black background\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("MARBLE_LOAD_PLUGINS", "plain-reward-plugin")
+    run = tmp_path / "run"
+    try:
+        assert get_registry(refresh=True).get("reward", "brightness-gap").provider == "plain-reward-plugin"
+        result = CliRunner().invoke(app, [
+            "train", "--rewards", "brightness-gap,sharpness", "--prompts", str(prompts), "--out", str(run),
+            "--steps", "1", "--set", "prompts_per_step=2", "--set", "images_per_prompt=2",
+            "--set", "timesteps_per_image=1", "--set", "sample_steps=2", "--set", "sample_every=0",
+            "--set", "threads=1", "--no-progress"])
+    finally:
+        monkeypatch.undo()
+        get_registry(refresh=True)  # back to the built-ins for the other tests
+    assert result.exit_code == 0, result.output
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert -0.5 <= row["reward/brightness-gap"] <= 0.5 and row["reward_coverage/brightness-gap"] == 1.0

@@ -119,7 +119,8 @@ def _check_reward_behaviour(reward, images, prompts):
 
 
 @settings(max_examples=30, deadline=None)
-@given(height=st.integers(8, 300), width=st.integers(8, 300), mode=st.sampled_from(["crop", "pad"]))
+@given(height=st.integers(8, 300), width=st.integers(8, 300),
+       mode=st.sampled_from(["crop", "crop-torchvision", "pad"]))
 def test_clip_pixels_always_square(height, width, mode):
     images = torch.rand(2, 3, height, width)
     pixels = _clip.clip_pixels(images, 224, mode)
@@ -244,7 +245,7 @@ def test_clip_transformers_directory_matches_original(saved, tokenizer):
     images = _images(height=128, width=96)
     scores = _check_reward_behaviour(reward, images, PROMPTS)
     with torch.no_grad():
-        pixels = _clip.clip_pixels(images, 224, "crop")
+        pixels = _clip.clip_pixels(images, 224, "crop-torchvision")
         tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
         out = saved["clip_model"](pixel_values=pixels, **tokens)
     expected = out.logits_per_image.diagonal() / saved["clip_model"].logit_scale.exp()  # cosine
@@ -256,7 +257,7 @@ def test_clip_open_clip_file_quickgelu_matches_original(saved, tokenizer):
     reward = build_clip(weights=str(saved["clip_file"]), model="ViT-L-14", pretrained="openai",
                         tokenizer=str(saved["tokenizer_dir"]), backend="transformers")
     images = _images(seed=5)
-    expected = _reference_cosine(saved["clip_model"], tokenizer, images, PROMPTS, "crop")
+    expected = _reference_cosine(saved["clip_model"], tokenizer, images, PROMPTS, "crop-torchvision")
     torch.testing.assert_close(reward(images, PROMPTS), expected, rtol=1e-4, atol=1e-5)
     gelu = build_clip(weights=str(saved["clip_file"]), model="ViT-L-14", pretrained="laion2b_s32b_b82k",
                       tokenizer=str(saved["tokenizer_dir"]), backend="transformers")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,31 +160,50 @@ def test_resume_is_bit_exact(runs):
     assert TrainConfig.from_toml(resumed / "config.toml").steps == 4
 
 
-def test_adapter_loads_with_diffusers_load_lora_weights(runs):
+DIFFUSERS_RECIPE = """
+import sys
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained(sys.argv[1])
+noise = torch.load(sys.argv[3])
+settings = dict(num_inference_steps=4, guidance_scale=1.0, max_sequence_length=1, output_type="pt")
+prompts = ["a red circle on a white background", "a blue square on a black background"]
+base = pipe(prompts, latents=noise, **settings).images
+pipe.load_lora_weights(sys.argv[2])
+tuned = pipe(prompts, latents=noise, **settings).images
+torch.save({"base": base, "tuned": tuned}, sys.argv[4])
+"""
+# Library chatter that is not about marble-kit's files: transformers' notes that the CPU install
+# has no torchvision, diffusers' note for every LoRA without text-encoder weights.
+FOREIGN_NOTES = ("requires torchvision (not installed)",
+                 "No LoRA keys associated to CLIPTextModelWithProjection found with the prefix='text_encoder")
+
+
+def test_the_shipped_tiny_pipeline_and_a_checkpoint_adapter_work_in_plain_diffusers(runs, tmp_path):
+    """The user-guide recipe, run as a user runs it (a fresh interpreter, diffusers only):
+    ``StableDiffusion3Pipeline.from_pretrained(<tiny_sd3>)`` + ``load_lora_weights(<ckpt>/adapter)``
+    samples exactly what marble's policy samples with the checkpoint's weights."""
     from marble_plugins.policies import sd3
 
-    run = runs["full"]
-    config = TrainConfig.from_toml(run / "config.toml")
-    _, state = load_checkpoint(run / "checkpoints" / "step-000004")
-    policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
-    policy.load_state_dict(state["policy"])
-    generator = torch.Generator().manual_seed(5)
-    x_t = torch.randn(policy.latent_shape(2), generator=generator)
-    t = torch.tensor([0.3, 0.8])
-    cond = policy.encode_prompts(["a red circle on a white background", "a blue square on a black background"])
-    with torch.no_grad():
-        expected = policy.velocity(x_t, t, cond)
-
-    pipeline = sd3.load_sd3_pipeline(sd3.TINY_PRIOR_DIR, use_t5=False)
-    with torch.no_grad():
-        before = pipeline.transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.prompt_embeds,
-                                      pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
-    pipeline.load_lora_weights(str(run / "checkpoints" / "step-000004" / "adapter"))
-    with torch.no_grad():
-        loaded = pipeline.transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.prompt_embeds,
-                                      pooled_projections=cond.pooled_prompt_embeds, return_dict=False)[0]
-    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
-    assert (loaded - before).abs().max() > 1e-4  # the adapter is not a no-op
+    adapter = runs["full"] / "checkpoints" / "step-000004" / "adapter"
+    policy = build("policy", "tiny-sd3", {"seed": 0})
+    noise = torch.randn(policy.latent_shape(2), generator=torch.Generator().manual_seed(3))
+    torch.save(noise, tmp_path / "noise.pt")
+    done = subprocess.run([sys.executable, "-c", DIFFUSERS_RECIPE, str(sd3.TINY_PRIOR_DIR), str(adapter),
+                           str(tmp_path / "noise.pt"), str(tmp_path / "images.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    notes = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and "it/s]" not in line and "%|" not in line
+             and not any(note in line for note in FOREIGN_NOTES)]
+    assert notes == []  # nothing about text_encoder_3 / tokenizer_3, truncation or our configs
+    images = torch.load(tmp_path / "images.pt")
+    prompts = ["a red circle on a white background", "a blue square on a black background"]
+    policy.load_adapter(adapter)
+    ours = policy.sample(prompts, generator=torch.Generator(), noise=noise, use_old=False, steps=4).images
+    torch.testing.assert_close(images["tuned"], ours, atol=2e-5, rtol=0)  # other thread count: not bitwise
+    assert (images["tuned"] - images["base"]).abs().mean() > 1e-3  # the LoRA changes the images
 
 
 def test_eval_scores_an_intermediate_checkpoint_against_the_base(runs, tmp_path):
@@ -223,6 +243,31 @@ def test_progress_summary_shows_rewards_lambda_and_worst_cosine():
     assert text == "color 0.250 (λ 0.70) · word – (λ 0.30) · worst cos -0.12"
 
 
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_progress_line_keeps_step_count_and_eta_on_a_narrow_terminal(width):
+    import io
+
+    from rich.console import Console
+
+    from marble_kit.progress import TrainProgress
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    config = TrainConfig(steps=150)
+    metrics = {"step": 12, "cos/worst": 0.1}
+    for name in REWARDS:
+        metrics.update({f"reward/{name}": 0.25, f"lambda/{name}": 0.25})
+    with TrainProgress(config, console=console) as bar:
+        bar.update(metrics)
+    lines = out.getvalue().replace("\r", "\n").splitlines()
+    assert lines[0].startswith("marble train → runs/marble  policy=tiny-sd3")  # the header comes first
+    line = [text for text in lines if "12/150" in text][-1].replace("\x1b[2K", "")
+    assert len(line) <= width
+    assert line.startswith("train ") and "12/150" in line
+    assert re.search(r"12/150 \d:\d\d:\d\d (-:--:--|\d:\d\d:\d\d) color 0\.250", line), line  # elapsed, ETA
+    assert line.rstrip().endswith("…") or "worst cos" in line  # only the summary is cut
+
+
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
     run = tmp_path / "interrupted"
@@ -237,6 +282,10 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_that_eval_accepts(tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no metrics line within 120 s"
             time.sleep(0.05)
+        # A second writer (same command, or a resume) is refused while the run trains.
+        second = marble("train", "--out", run, "--steps", "500", *TINY, "--set", "checkpoint_every=1000",
+                        "--set", "sample_every=0")
+        assert second.exit_code == 2 and f"in use by another marble process (pid {process.pid})" in second.stderr
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
     finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,24 +30,29 @@ def marble(*args):
     return result
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime of every file under ``root``, plus every directory (mtime only)."""
+def snapshot(root: Path) -> dict[str, tuple[str, int | None]]:
+    """sha256 and mtime of every file under ``root``, plus every directory (its name only: a
+    refused `marble train` takes the run directory's lock, which adds and removes a lock file)."""
     out = {}
     for path in sorted(root.rglob("*")):
-        stat = path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        out[path.relative_to(root).as_posix()] = (digest, stat.st_mtime_ns)
+        if path.is_file():
+            out[path.relative_to(root).as_posix()] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                      path.stat().st_mtime_ns)
+        else:
+            out[path.relative_to(root).as_posix()] = ("dir", None)
     return out
 
 
 def assert_refused(root: Path, *args, match: str) -> str:
-    """Run the command; it must fail with exit 2, one stderr line matching ``match``, no disk change."""
+    """Run the command; it must fail with exit 2, one stderr line matching ``match``, no disk change,
+    and print nothing else (no `marble train → …` header before the error)."""
     before = snapshot(root)
     result = marble(*args)
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert message.startswith("error:") and "\n" not in message, message
     assert match in message, message
+    assert result.stdout == "", result.stdout
     assert snapshot(root) == before, "files on disk changed"
     return message
 
@@ -138,6 +145,59 @@ def test_out_directory_with_unrelated_files(tmp_path):
     assert_refused(tmp_path, "train", "--out", tmp_path / "out", *TINY, match="holds no marble run")
 
 
+@pytest.mark.parametrize("names", ["", ",", " , "])
+def test_rewards_naming_nothing(tmp_path, names):
+    assert_refused(tmp_path, "train", "--rewards", names, "--out", tmp_path / "out", *TINY,
+                   match=f"--rewards {names!r} names nothing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_start_leaves_no_directory_and_the_fixed_command_runs(tmp_path):
+    out = tmp_path / "runs" / "new" / "out"
+    assert_refused(tmp_path, "train", "--out", out, "--steps", 1, "--prompts", tmp_path / "typo.txt", *TINY,
+                   match="typo.txt")
+    assert not (tmp_path / "runs").exists()  # no directory (nor parent, nor lock file) stays behind
+    result = marble("train", "--out", out, "--steps", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("marble train → ")  # the header, once the checks passed
+    assert not (out / ".marble.lock").exists()
+
+
+def test_a_stale_lock_file_does_not_count_as_content(tmp_path):
+    """kill -9 before the first write leaves the run directory with only its (unlocked) lock file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".marble.lock").write_text("4242 somehost\n")
+    result = marble("train", "--out", out, "--steps", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    assert (out / "config.toml").is_file()
+
+
+HOLD_LOCK = ("import sys, time\n"
+             "from marble_kit.run import RunDirectoryLock\n"
+             "RunDirectoryLock.acquire(sys.argv[1])\n"
+             "print('held', flush=True)\n"
+             "time.sleep(600)\n")
+
+
+def test_a_second_writer_is_refused_naming_the_holder_until_the_holder_dies(run_copy, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["train", "--resume", run_copy, "--steps", 3],
+                     ["train", "--out", run_copy, "--steps", 2, *TINY, "--set", "checkpoint_every=1"]):
+            message = assert_refused(tmp_path, *args, match=f"in use by another marble process (pid {holder.pid})")
+            assert "choose another --out" in message
+    finally:
+        holder.kill()  # like kill -9: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    assert (run_copy / ".marble.lock").exists()
+    result = marble("train", "--resume", run_copy, "--steps", 3, "--no-progress")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and not (run_copy / ".marble.lock").exists()
+
+
 def test_resume_of_a_directory_without_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_refused(tmp_path, "train", "--resume", tmp_path / "empty", match="no config.toml")
@@ -145,7 +205,7 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
 
 def test_resume_with_changed_options(run_copy, tmp_path):
     assert_refused(tmp_path, "train", "--resume", run_copy, "--steps", 4, "--rewards", "color",
-                   match="only --steps may be given (got rewards)")
+                   match="only --steps and --report-to may be given (got rewards)")
 
 
 def test_resume_of_a_finished_run(run_copy, tmp_path):

@@ -67,11 +67,24 @@ def test_short_prior_run_is_seeded_and_loads_through_the_policy(tmp_path):
     assert rollout.images.shape == (1, 3, 64, 64) and torch.isfinite(rollout.x0).all()
 
 
-def test_shipped_prior_is_small_and_has_no_t5():
+def test_shipped_prior_is_small_and_its_t5_is_the_no_t5_placeholder():
+    """Trained without T5; the text_encoder_3 / tokenizer_3 it ships (for a plain diffusers
+    from_pretrained) give exactly the zeros StableDiffusion3Pipeline uses without a T5."""
+    from marble_plugins.policies.sd3 import load_sd3_pipeline, sd3_pipeline_class
+
     files = [f for f in Path(TINY_PRIOR_DIR).rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) < 8e6
-    assert not (TINY_PRIOR_DIR / "text_encoder_3").exists()
     assert {f.suffix for f in files} <= {".json", ".txt", ".safetensors"}  # all in package-data
+    t5 = load_file(TINY_PRIOR_DIR / "text_encoder_3" / "model.safetensors")
+    assert sum(v.numel() for v in t5.values()) < 1000 and all(not v.any() for v in t5.values())
+    with_t5 = sd3_pipeline_class().from_pretrained(TINY_PRIOR_DIR)
+    without = load_sd3_pipeline(TINY_PRIOR_DIR, use_t5=False)
+    assert without.text_encoder_3 is None and with_t5.text_encoder_3 is not None
+    prompts = ["a red circle on a white background", 'a sign that says "cat"', ""]
+    for length in (1, 7):
+        a = with_t5.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=length)
+        b = without.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=length)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
 def test_measurement_classifiers_are_right_on_true_renders():

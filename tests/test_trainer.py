@@ -250,8 +250,8 @@ def test_rewards_that_judge_or_prefer_nothing_get_weight_zero_from_the_first_ste
     assert any("'flat_reward' scored the images of every prompt group equally" in m for m in messages), messages
 
 
-def _captured_batch(trainer):
-    """Run one step and keep the training batch it built."""
+def _captured_step(trainer):
+    """Run one step; return the training batch it built and its metrics."""
     captured = {}
     fold = trainer._fold_timesteps
 
@@ -260,8 +260,15 @@ def _captured_batch(trainer):
         return captured["batch"]
 
     trainer._fold_timesteps = keep
-    trainer.step()
-    return captured["batch"]
+    try:
+        metrics = trainer.step()
+    finally:
+        trainer._fold_timesteps = fold
+    return captured["batch"], metrics
+
+
+def _captured_batch(trainer):
+    return _captured_step(trainer)[0]
 
 
 @pytest.mark.slow
@@ -309,10 +316,13 @@ def test_fused_backward_is_the_weighted_sum_of_masked_per_reward_gradients(micro
 
 
 @pytest.mark.slow
-def test_affine_equals_exact_when_some_rewards_judge_nothing():
+@pytest.mark.parametrize("checkpointing,micro_batch", [(False, 0), (True, 0), (True, 3)])
+def test_affine_equals_exact_when_some_rewards_judge_nothing(checkpointing, micro_batch):
     """One prompt set per step: the other specialist rewards are absent, their gradients are
-    exactly zero in both modes and the present ones agree to float32 round-off."""
-    trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact")
+    exactly zero in both modes and the present ones agree to float32 round-off — with the
+    policy's gradient checkpointing (its forward replayed inside the capture) and micro-batches."""
+    trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact",
+                       micro_batch=micro_batch, policy_options={"gradient_checkpointing": checkpointing})
     batch = _captured_batch(trainer)
     absent = batch.coef.sum(1) == 0
     assert absent.any() and (~absent).any()
@@ -381,3 +391,44 @@ def test_periodic_reuse_steps_drop_the_rewards_that_are_inactive_now(idle_reward
             if metrics[f"judged_rows/{name}"] == 0:
                 assert metrics[f"weight/{name}"] == 0.0 and metrics[f"active/{name}"] == 0.0
         assert metrics["weight/flat_reward"] == 0.0
+
+
+@pytest.mark.slow
+def test_velocity_space_loss_trains_and_its_affine_gradients_equal_exact():
+    trainer = _trainer(loss_space="velocity", prompts_per_step=2, images_per_prompt=2, timesteps_per_image=2,
+                       gram="exact")
+    batch = _captured_batch(trainer)
+    exact, _ = trainer._exact_gradients(batch, anchor=False)
+    affine, _ = trainer._affine_gradients(batch, anchor=False)
+    assert exact.abs().max() > 0
+    assert (affine - exact).abs().max() <= 1e-5 * exact.abs().max()
+    assert torch.isfinite(torch.tensor(trainer.step()["grad_norm"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gram", ["affine", "exact", "periodic"])
+def test_the_update_is_the_weighted_masked_losses_plus_the_anchor(gram):
+    """The gradient handed to the optimizer (clipping off) is ∇[Σ_k w_k·L_k + kl·mean‖v_θ − v_ref‖²]
+    with the step's loss weights, computed here by autograd from the batch — so the anchor
+    reaches the update, on solve steps (2 passes, no third) and on reuse steps. Step 2 is
+    checked: at step 1 v_θ = v_ref and the anchor has no gradient."""
+    kl = 0.5
+    trainer = _trainer(gram=gram, gram_period=2, kl=kl, grad_clip=0.0, balancer="mgda-qp", prompts_per_step=2,
+                       images_per_prompt=2, timesteps_per_image=2)
+    trainer.step()
+    start = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    batch, metrics = _captured_step(trainer)
+    assert metrics["gram_mode"] == ("reuse" if gram == "periodic" else gram)
+    handed = torch.cat([p.grad.reshape(-1) for p in trainer.params])
+    weights = torch.tensor([metrics[f"weight/{n}"] for n in trainer.reward_names], dtype=torch.float64)
+    trainer.policy.load_state_dict(start)
+    rows = slice(0, batch.x0.shape[0])
+    v = trainer._forward(batch, rows)
+    losses = torch.stack([(batch.coef[k].to(v.dtype) * trainer._loss_per_row(v, batch, rows, batch.r[k])).sum()
+                          for k in range(len(trainer.reward_names))])
+    anchor = kl * ((v - batch.v_ref) ** 2).mean(dim=(1, 2, 3)).mean()
+    anchor_part = torch.cat([g.reshape(-1) for g in torch.autograd.grad(anchor, trainer.params, retain_graph=True)])
+    total = weights.to(v.dtype) @ losses + anchor
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, trainer.params)])
+    assert anchor_part.norm() > 0.05 * expected.norm()  # leaving it out would be seen
+    assert (handed - expected).norm() <= 1e-4 * expected.norm()

@@ -30,6 +30,13 @@ def _byte_alphabet() -> list[str]:
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
+    vocab, merges = tiny_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny tokenizer's vocabulary and BPE merges (also written as an open_clip BPE file by
+    tests/reference/record_reward_references.py: the ids come out the same)."""
     alphabet = _byte_alphabet()
     tokens = alphabet + [char + "</w>" for char in alphabet]
     merges: list[tuple[str, str]] = []
@@ -45,7 +52,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     merges = list(dict.fromkeys(merges))
     tokens += ["<|startoftext|>", "<|endoftext|>"]  # eot has the largest id, like CLIP's 49407
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    return vocab, merges
 
 
 def tiny_clip(tokenizer: CLIPTokenizer, seed: int = 0, vision_width: int = 160,

@@ -9,7 +9,7 @@ own prompt set, `sharpness` judges all):
 * ``mgda``           MGDA min-norm weights every step (`affine` Gram);
 * ``marble``         MARBLE: MGDA + EMA on λ (ρ = 0.7), every step;
 * ``marble-periodic`` MARBLE solving every n = 10 steps, stale λ between solves;
-* ``marble-adam-momentum`` MARBLE with the optimizer-aware (momentum) Gram.
+* ``marble-adam-momentum`` MARBLE with the optimizer-aware (momentum) Gram (rho = 0: its guarantee needs the fresh λ).
 
 Per step: the worst-aligned reward's cosine with the fused gradient d and with the actual
 parameter update −Δθ (AdamW's step). On the steps where the trainer computes no per-reward
@@ -63,7 +63,7 @@ METHODS = (
     Method("mgda", "mgda-qp", "affine"),
     Method("marble", "marble", "affine"),
     Method("marble-periodic", "marble", "periodic"),
-    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum"}),
+    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum", "rho": 0.0}),
     # not run by default: the two gradient normalizations side by side (the `marble` default's choice)
     Method("marble-unit", "marble", "affine", {"normalize": "unit"}),
     Method("marble-none", "marble", "affine", {"normalize": "none"}),

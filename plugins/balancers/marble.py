@@ -18,6 +18,12 @@ class MarbleEMA(MgdaQP):
     The EMA runs on λ (the simplex weights of the normalized problem when normalize="unit");
     the loss weights are then formed with this step's gradient norms, so solve and reuse
     steps stay consistent. ρ = 0.7 as in the paper. The EMA state is checkpointed.
+
+    An inactive reward has λ*_k = 0 in this solve and the EMA is updated with it (as the
+    official release does); the λ used this step is the EMA restricted to the active rewards
+    and renormalized (this solve's λ* if the EMA has no weight on them). With no active reward
+    the weights are all zero and the EMA is left as it was. The EMA moves λ off the min-norm
+    point, so metric="adam-momentum" (whose guarantee needs the exact λ*) takes only rho=0.
     """
 
     name = "marble"
@@ -27,17 +33,21 @@ class MarbleEMA(MgdaQP):
         super().__init__(num_rewards, normalize=normalize, metric=metric, min_weight=min_weight)
         if not 0.0 <= float(rho) < 1.0:
             raise MarbleError(f"balancer 'marble': rho={rho} must be in [0, 1) (the paper uses 0.7)")
+        if self.gram_metric == "adam-momentum" and float(rho) > 0:
+            raise MarbleError(f"balancer 'marble': metric=\"adam-momentum\" guarantees the step only for "
+                              f"the fresh min-norm λ; the EMA (rho={rho}) moves λ off it (use rho=0 or mgda-qp)")
         self.rho = float(rho)
         self.ema: np.ndarray | None = None
 
-    def weights(self, gram: Tensor | None, step: int) -> Tensor:
-        result = self.solve(gram)
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+        result = self.solve(gram, active)
+        if not result.active.any():  # nothing to balance this step: state untouched
+            self.lam, self.last_weights = to_tensor(result.lam), to_tensor(result.weights)
+            self.metrics["balancer/ema_lag_l1"] = 0.0
+            return self.last_weights.clone()
         self.ema = ema_update(self.ema, result.lam, self.rho)
-        lam = self.ema / self.ema.sum()
-        # A reward left out of this solve (non-finite gradient) must not steer this step's update.
-        if result.active.any():
-            lam = np.where(result.active, lam, 0.0)
-            lam = lam / lam.sum() if lam.sum() > 0 else result.lam
+        lam = np.where(result.active, self.ema, 0.0)
+        lam = lam / lam.sum() if lam.sum() > 0 else result.lam
         self.lam = to_tensor(lam)
         self.last_weights = to_tensor(loss_weights(lam, result.norms, self.normalize))
         # How stale the smoothed λ is against this minibatch's optimum (notes: EMA lag).

@@ -8,6 +8,7 @@ from torch import Tensor
 from marble_kit.balancing import (
     MinNormQP,
     MinNormResult,
+    as_active_mask,
     as_gram_array,
     check_gram_metric,
     check_min_weight,
@@ -23,9 +24,16 @@ from marble_kit.hookspecs import hookimpl
 
 
 class MgdaQP:
-    """λ* = argmin_{λ ∈ Δ} λᵀGλ every solve; loss weights w = λ* (or s·λ*_k/‖g_k‖ with
-    normalize="unit"). ``metric`` picks the Gram the trainer passes (euclidean, Adam's
-    preconditioner, or the momentum-aware one of :func:`marble_kit.gram.metric_gram`)."""
+    """λ* = argmin_{λ ∈ Δ} λᵀGλ over the active rewards every solve; loss weights w = λ* (or
+    s·λ*_k/‖g_k‖ with normalize="unit"). Exact: OSQP's answer is refined by an active-set
+    solve to round-off (:class:`marble_kit.balancing.MinNormQP`).
+
+    A vanishing gradient is a real reward: as its norm goes to 0 the hull's min-norm point d
+    goes to 0 continuously, and an exactly zero gradient gives d = 0 (λ on the zero gradients).
+    ``metric`` picks the Gram the trainer passes (euclidean, Adam's preconditioner, or the
+    momentum-aware one of :func:`marble_kit.gram.metric_gram`); "adam-momentum" needs the plain
+    min-norm λ (normalize="none", min_weight=0), the conditions its guarantee is proved under.
+    """
 
     needs_gram = True
     summed_reward_weights = None
@@ -37,28 +45,33 @@ class MgdaQP:
         self.num_rewards = check_num_rewards(num_rewards, where)
         self.normalize = check_normalize(normalize, where)
         self.gram_metric = check_gram_metric(metric, where)
+        self.min_weight = check_min_weight(min_weight, num_rewards, where)
         if self.gram_metric == "adam-momentum" and self.normalize != "none":
             # The momentum-shifted hull needs weights summing to 1 on the raw gradients.
             raise MarbleError(f"{where}: metric=\"adam-momentum\" works on raw gradients; "
                               "use normalize=\"none\" with it")
-        self.min_weight = check_min_weight(min_weight, num_rewards, where)
+        if self.gram_metric == "adam-momentum" and self.min_weight > 0:
+            raise MarbleError(f"{where}: metric=\"adam-momentum\" guarantees the step only for the exact "
+                              f"min-norm λ; min_weight={self.min_weight} moves λ off it (use min_weight=0)")
         self.solver = MinNormQP()
         self.lam = uniform(num_rewards)
         self.last_weights = uniform(num_rewards)
         self.degenerate_steps = 0
         self.metrics: dict[str, float] = {}
 
-    def solve(self, gram: Tensor | None) -> MinNormResult:
+    def solve(self, gram: Tensor | None, active: Tensor | None = None) -> MinNormResult:
         """The min-norm solution for this Gram; records metrics and warns on degenerate input."""
-        array = as_gram_array(gram, self.num_rewards, f"balancer {self.name!r}")
-        result = self.solver.solve(array, self.normalize, self.min_weight)
+        where = f"balancer {self.name!r}"
+        array = as_gram_array(gram, self.num_rewards, where)
+        mask = as_active_mask(active, self.num_rewards, where)
+        result = self.solver.solve(array, self.normalize, self.min_weight, mask)
         self.degenerate_steps += int(result.metrics["balancer/degenerate"])
         self.metrics = dict(result.metrics, **{"balancer/degenerate_steps": float(self.degenerate_steps)})
         warn_degenerate(self.name, result.metrics)
         return result
 
-    def weights(self, gram: Tensor | None, step: int) -> Tensor:
-        result = self.solve(gram)
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+        result = self.solve(gram, active)
         self.lam, self.last_weights = to_tensor(result.lam), to_tensor(result.weights)
         return self.last_weights.clone()
 
@@ -76,4 +89,5 @@ class MgdaQP:
 @hookimpl
 def register_balancers(register):
     register("mgda-qp", MgdaQP,
-             description="MGDA min-norm weights (OSQP); normalize=\"unit\", metric=\"adam\"|\"adam-momentum\".")
+             description="MGDA min-norm weights (OSQP, refined exactly); normalize=\"unit\", "
+                         "metric=\"adam\"|\"adam-momentum\".")

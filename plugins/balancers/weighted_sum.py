@@ -49,7 +49,9 @@ class WeightedSum:
         self.summed_reward_weights: Tensor | None = self.lam.clone() if mode == "summed-reward" else None
         self.metrics: dict[str, float] = {}
 
-    def weights(self, gram: Tensor | None, step: int) -> Tensor:
+    def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
+        """The fixed weights; ``active`` is ignored (the objective is fixed; an inactive reward's
+        gradient is zero or left out by the trainer)."""
         return self.lam.clone()
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -122,6 +123,52 @@ def load_sd3_pipeline(directory: str | Path, *, use_t5: bool = True,
         raise MarbleError(f"could not load the SD3 pipeline from {directory}: {exc}") from exc
 
 
+def absent_t5_components(width: int):
+    """(text_encoder_3, tokenizer_3) standing for "no T5": a T5 encoder without layers whose
+    embeddings and final norm are zero, so it returns exactly the zeros [B, L, width] that
+    StableDiffusion3Pipeline uses when ``text_encoder_3`` is None, and a tokenizer that reads
+    nothing (every prompt → no tokens, padded with ``<pad>``; so diffusers never reports a
+    prompt as truncated, whatever ``max_sequence_length`` is).
+
+    diffusers' ``from_pretrained`` refuses a pipeline directory whose model_index.json has
+    ``text_encoder_3: [null, null]`` (only image_encoder / feature_extractor may be absent), so a
+    model trained without T5 (tiny-sd3) ships these to load with a plain ``from_pretrained``.
+    marble-kit's own loader does not load them (``use_t5=False``).
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # every character removed
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        model_max_length=512)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=width,
+                                      num_layers=0, num_heads=1, pad_token_id=0, eos_token_id=1,
+                                      decoder_start_token_id=0))
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.zero_()
+    return encoder.eval(), tokenizer
+
+
+def write_absent_t5(directory: str | Path) -> None:
+    """Add :func:`absent_t5_components` to a saved pipeline without T5 (model_index.json too)."""
+    directory = Path(directory)
+    index_file = directory / "model_index.json"
+    index = json.loads(index_file.read_text())
+    width = json.loads((directory / "transformer" / "config.json").read_text())["joint_attention_dim"]
+    encoder, tokenizer = absent_t5_components(width)
+    encoder.save_pretrained(directory / "text_encoder_3", safe_serialization=True)
+    tokenizer.save_pretrained(directory / "tokenizer_3")
+    tokenizer_config = directory / "tokenizer_3" / "tokenizer_config.json"  # the class name all
+    settings = json.loads(tokenizer_config.read_text())                   # transformers versions know
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                 tokenizer_3=["transformers", "PreTrainedTokenizerFast"])
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def sd3_pipeline_class():
     """diffusers' StableDiffusion3Pipeline, imported without transformers' notes that its
     IP-adapter image processors fall back to PIL without torchvision (marble-kit never uses
@@ -152,6 +199,23 @@ def quiet_loading() -> Iterator[None]:
         for lib, enabled in states:
             if enabled:
                 lib.enable_progress_bar()
+
+
+@contextmanager
+def quiet_text_encoding() -> Iterator[None]:
+    """diffusers' and transformers' per-call truncation warnings off while prompts are encoded
+    (:meth:`SD3Policy._note_truncation` says it once instead)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = [(lib, lib.get_verbosity()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in levels:
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in levels:
+            lib.set_verbosity(level)
 
 
 def resolve_sd35_path(path: str | None) -> Path:
@@ -232,6 +296,7 @@ class SD3Policy:
         self.lora_config = self._lora_config(rank, alpha, target_modules)
         self._prompt_cache: OrderedDict[str, SD3Cond] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
+        self._truncation_noted = False
         self._place_modules()
         self._add_lora(seed)
         if gradient_checkpointing:
@@ -285,16 +350,23 @@ class SD3Policy:
     # ------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> SD3Cond:
-        """Conditioning for ``prompts`` (each distinct prompt encoded once, then cached)."""
+        """Conditioning for ``prompts`` (each distinct prompt encoded once, then cached).
+
+        Each prompt is encoded on its own: a text encoder's output for one row depends (by
+        ~1e-7) on how many rows share the batch, so encoding prompts together would make an
+        embedding depend on which other prompts were new at that moment — on the run's history
+        (sample grids, what a resumed process has cached) — and a resume would not be bit-exact.
+        """
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if todo:
             with offloaded(self._text_encoders(), self.device, self.offload_text_encoders), \
-                    self._autocast():
-                embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                    list(todo), None, None, device=self.device, do_classifier_free_guidance=False,
-                    max_sequence_length=self.max_sequence_length)
-            for i, prompt in enumerate(todo):
-                self._prompt_cache[prompt] = SD3Cond(embeds[i:i + 1], pooled[i:i + 1])
+                    self._autocast(), quiet_text_encoding():
+                for prompt in todo:
+                    self._note_truncation(prompt)
+                    embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                        [prompt], None, None, device=self.device, do_classifier_free_guidance=False,
+                        max_sequence_length=self.max_sequence_length)
+                    self._prompt_cache[prompt] = SD3Cond(embeds, pooled)
         conds = []
         for prompt in prompts:
             self._prompt_cache.move_to_end(prompt)
@@ -303,13 +375,28 @@ class SD3Policy:
             self._prompt_cache.popitem(last=False)
         return SD3Cond.cat(conds)
 
+    def _note_truncation(self, prompt: str) -> None:
+        """One warning, the first time a prompt is longer than the CLIP encoders read (diffusers
+        and transformers would print two per batch of prompts, every time)."""
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if self._truncation_noted or tokenizer is None:
+            return
+        limit = tokenizer.model_max_length
+        if len(tokenizer(prompt, truncation=False)["input_ids"]) > limit:
+            self._truncation_noted = True
+            warnings.warn(f"policy {self.name!r}: its CLIP text encoders read {limit} tokens of a prompt; "
+                          f"longer prompts are cut (the first: {prompt[:50]!r}…); this note is shown once",
+                          UserWarning, stacklevel=2)
+
     # ------------------------------------------------------------ the three velocity fields
     def _transformer_velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: SD3Cond):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
+        if self.autocast_dtype is None:  # no autocast (e.g. full_precision): conditioning in fp32 too
+            embeds, pooled = embeds.float(), pooled.float()
         with self._autocast():
             out = self.transformer(hidden_states=x_t, timestep=t * 1000,  # SD3 takes t·1000
-                                   encoder_hidden_states=cond.prompt_embeds,
-                                   pooled_projections=cond.pooled_prompt_embeds,
+                                   encoder_hidden_states=embeds, pooled_projections=pooled,
                                    return_dict=False)[0]
         return out.float()
 

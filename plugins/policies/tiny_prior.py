@@ -380,7 +380,10 @@ def train_prior(out_dir: str | Path, config: PriorConfig | None = None,
 
 def save_prior(pipeline, out_dir: Path, config: PriorConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    from marble_plugins.policies.sd3 import write_absent_t5
+
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    write_absent_t5(out_dir)  # so that a plain StableDiffusion3Pipeline.from_pretrained loads it
     defaults = {"max_sequence_length": config.max_sequence_length,
                 "steps": config.sampling_steps, "resolution": world.IMAGE_SIZE,
                 "prior_config": asdict(config)}

@@ -1,9 +1,11 @@
 """Shared CLIP machinery of the model-based rewards (private: not a plugin).
 
 * Tensor preprocessing (no PIL round trip, no torchvision): OpenAI CLIP normalization after
-  either "resize the shortest side + center-crop" (CLIP, PickScore, aesthetic) or "resize the
-  longest side + pad" (HPS, like HPSv2's ``ResizeMaxSize``).
-* Text tokenization the way open_clip does it: ``[sot] tokens [eot]``, 77 tokens, zero padding.
+  either "resize the shortest side + center-crop" (PickScore and aesthetic the way
+  CLIPImageProcessor does it, CLIP the way torchvision does it) or "resize the longest side +
+  pad" (HPS, like HPSv2's ``ResizeMaxSize``).
+* Text tokenization the way open_clip does it: its text cleaning (ftfy, HTML entities,
+  whitespace), ``[sot] tokens [eot]``, 77 tokens, zero padding.
 * Conversion of an open_clip ViT state dict (``visual.*``, ``transformer.*``, ...) into a
   transformers :class:`CLIPModel` — the same network, so ``hps`` and ``clip`` work without
   open_clip (which needs torchvision).
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import abc
+import html
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -61,23 +64,35 @@ def torch_dtype(name: str, reward: str) -> torch.dtype:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _resize(images: torch.Tensor, height: int, width: int, interpolation: str = "bicubic") -> torch.Tensor:
     if images.shape[-2:] == (height, width):
         return images
-    resized = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
+    resized = F.interpolate(images, size=(height, width), mode=interpolation, antialias=True,
                             align_corners=False)
-    return resized.clamp(0, 1)  # bicubic overshoots; PIL pipelines clip to uint8 range
+    if interpolation == "bicubic":
+        return resized.clamp(0, 1)  # bicubic overshoots; PIL pipelines clip to uint8 range
+    return resized  # bilinear weights are ≥ 0: no overshoot (torchvision does not clamp either)
 
 
-def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shortest side is ``size`` (aspect kept), then crop the ``size``² center."""
+# How a "resize the shortest side, crop the center" reference resamples and where it cuts:
+# transformers' CLIPImageProcessor (PickScore, the aesthetic predictor): bicubic, crop offset
+# (margin) // 2; torchvision's Resize + CenterCrop on tensors (Flow-GRPO's CLIP scorer):
+# bilinear (its default), offset int(round(margin / 2)) — Python rounds halves to even.
+CROP_STYLES = {"hf": "bicubic", "torchvision": "bilinear"}
+
+
+def resize_shortest_center_crop(images: torch.Tensor, size: int, style: str = "hf") -> torch.Tensor:
+    """Resize so the shortest side is ``size`` (aspect kept), then crop the ``size``² center
+    the way ``style`` (a key of :data:`CROP_STYLES`) does."""
     height, width = images.shape[-2:]
     short, long = min(height, width), max(height, width)
     new_long = int(size * long / short)  # floor, as torchvision / CLIPImageProcessor do
     new_h, new_w = (size, new_long) if height <= width else (new_long, size)
-    images = _resize(images, new_h, new_w)
-    top = round((new_h - size) / 2.0)
-    left = round((new_w - size) / 2.0)
+    images = _resize(images, new_h, new_w, CROP_STYLES[style])
+    if style == "hf":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # half to even
     return images[..., top:top + size, left:left + size]
 
 
@@ -98,12 +113,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def clip_pixels(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """``images`` in [0, 1] → normalized CLIP input; ``mode`` is ``"crop"`` or ``"pad"``."""
+    """``images`` in [0, 1] → normalized CLIP input. ``mode``: ``"crop"`` (CLIPImageProcessor's
+    resize + center crop), ``"crop-torchvision"`` (torchvision's Resize + CenterCrop) or
+    ``"pad"`` (longest side + padding, HPSv2)."""
     if mode == "crop":
-        return normalize(resize_shortest_center_crop(images, size))
+        return normalize(resize_shortest_center_crop(images, size, "hf"))
+    if mode == "crop-torchvision":
+        return normalize(resize_shortest_center_crop(images, size, "torchvision"))
     if mode == "pad":
         return normalize(resize_longest_pad(images, size))
-    raise ValueError(f"unknown preprocessing mode {mode!r} (crop or pad)")
+    raise ValueError(f"unknown preprocessing mode {mode!r} (crop, crop-torchvision or pad)")
 
 
 # --------------------------------------------------------------------------- loading
@@ -163,10 +182,23 @@ def load_clip_tokenizer(path: Path) -> Any:
         ) from exc
 
 
+def open_clip_clean(text: str) -> str:
+    """open_clip's text cleaning before BPE: ``ftfy.fix_text`` (curly quotes → straight,
+    full-width → ASCII, ligatures split, mojibake repaired), HTML entities unescaped twice,
+    whitespace runs → one space, stripped, lowercased. transformers' CLIP tokenizer does none of
+    it but the last two, so without it "“open”", "&amp;" or "ﬁ" give other token ids."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
 def open_clip_token_ids(tokenizer: Any, prompts: Sequence[str],
                         context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """open_clip's text input: ``[sot] tokens [eot]`` cut to ``context_length``, zero-padded."""
-    encoded = tokenizer(list(prompts), add_special_tokens=True, truncation=False)["input_ids"]
+    """open_clip's text input: the prompts cleaned like open_clip (:func:`open_clip_clean`),
+    ``[sot] tokens [eot]`` cut to ``context_length`` (the eot kept), zero-padded."""
+    cleaned = [open_clip_clean(prompt) for prompt in prompts]
+    encoded = tokenizer(cleaned, add_special_tokens=True, truncation=False)["input_ids"]
     ids = torch.zeros(len(encoded), context_length, dtype=torch.long)
     for row, tokens in enumerate(encoded):
         if len(tokens) > context_length:

@@ -5,7 +5,9 @@ Weights, either format:
   — the default, also found in the local Hugging Face cache;
 * an open_clip checkpoint file (state dict, optionally under ``"state_dict"``) for the
   architecture ``model`` trained as ``pretrained`` (``openai`` tags use QuickGELU).
-Images are resized on their shortest side and center-cropped (CLIP's own preprocessing).
+Images are resized on their shortest side and center-cropped the way the reference (Flow-GRPO's
+CLIP scorer: torchvision ``Resize(224)`` + ``CenterCrop(224)`` on tensors) does: bilinear with
+antialiasing, crop offset rounded.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def build_clip(weights: str | None = None, model: str = "ViT-L-14", pretrained: 
         state = state_dict_from(load_checkpoint(path, "clip"), path, "clip")
         encoders = open_clip_encoders(state, model, pretrained, backend, tokenizer, "clip")
     encoders.module.to(torch_dtype(dtype, "clip"))
-    return ClipCosineReward("clip", encoders, preprocess="crop", batch_size=batch_size, device=device)
+    return ClipCosineReward("clip", encoders, preprocess="crop-torchvision", batch_size=batch_size,
+                            device=device)
 
 
 @hookimpl

@@ -4,15 +4,25 @@ The engine is RapidOCR (PP-OCRv4 detection + recognition as ONNX models inside t
 ``rapidocr_onnxruntime`` wheel — nothing to download), with the angle classifier off (it flips
 small text upside down) and one ONNX thread per session.
 
-target = text inside the prompt's first pair of double quotes, lowercased, spaces removed;
-found  = all recognized text, lowercased, spaces removed;
+target = text inside the prompt's first pair of double quotes (an unclosed quote: the rest of
+         the prompt), lowercased, spaces removed;
+found  = all recognized text, NFKC-normalized, lowercased, spaces removed;
 dist   = 0 if target occurs in found, else min(Levenshtein(found, target), len(target));
 reward = 1 − dist / len(target).  A prompt without quoted text gets NaN (not applicable).
+
+NFKC: RapidOCR's recognizer carries PP-OCR's Chinese dictionary, which also holds full-width
+forms (``ＯＰＥＮ``, ``２``) and ligatures; the reference's English PaddleOCR model cannot emit
+them. NFKC maps them to the ASCII the reference would read (and leaves ASCII alone).
+
+An engine exception on one image scores that image NaN (not judged this step) with a warning;
+``failures`` counts such images (``reward_failures/ocr`` in metrics.jsonl) and the run goes on.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,12 +48,13 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def _squash(text: str) -> str:
-    return "".join(text.lower().split())
+    return text.replace(" ", "").lower()  # the reference removes spaces only, then lowercases
 
 
 def ocr_text_reward(found: str, target: str) -> float:
-    """Flow-GRPO's reward for recognized text ``found`` against the quoted ``target``."""
-    target, found = _squash(target), _squash(found)
+    """Flow-GRPO's reward for recognized text ``found`` (NFKC-normalized first) against the
+    quoted ``target``."""
+    target, found = _squash(target), _squash(unicodedata.normalize("NFKC", found))
     if not target:
         return math.nan
     distance = 0 if target in found else min(levenshtein(found, target), len(target))
@@ -63,11 +74,22 @@ class OcrReward(Reward):
 
     def __init__(self, engine: Any, batch_size: int = 8):
         self.engine, self.batch_size = engine, batch_size
+        self.failures = 0       # images the engine failed on, in all calls
+        self.last_failures = 0  # … in the last call (one training step)
 
     def recognize(self, image: torch.Tensor) -> str:
         """All text the engine finds in one image, concatenated in reading order."""
         result, _ = self.engine(_to_bgr_uint8(image), use_cls=False)
         return "".join(line[1] for line in result or [])
+
+    def __call__(self, images, prompts):
+        self.last_failures = 0
+        return super().__call__(images, prompts)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Per-call counters the training loop logs (``reward_failures/ocr``)."""
+        return {"failures": float(self.last_failures)}
 
     def score(self, images, prompts):
         scores = []
@@ -76,7 +98,17 @@ class OcrReward(Reward):
             if target is None or not _squash(target):
                 scores.append(math.nan)  # nothing to read: the reward does not apply
                 continue
-            scores.append(ocr_text_reward(self.recognize(image), target))
+            try:
+                found = self.recognize(image)
+            except Exception as exc:  # one unreadable image must not end a run
+                self.failures += 1
+                self.last_failures += 1
+                warnings.warn(f"reward 'ocr': the OCR engine failed on an image ({type(exc).__name__}: "
+                              f"{str(exc)[:100]}); it scores NaN (not judged) and training goes on "
+                              "(counted in reward_failures/ocr)", RuntimeWarning, stacklevel=2)
+                scores.append(math.nan)
+                continue
+            scores.append(ocr_text_reward(found, target))
         return torch.tensor(scores, dtype=torch.float32)
 
 
