@@ -49,9 +49,9 @@ class PriorConfig:
     """Every knob of the prior; the defaults produced the shipped weights."""
 
     seed: int = 0
-    dataset_size: int = 12000         # distinct rendered scenes
-    word_share: float = 0.4           # share of word scenes (words are the hardest to learn)
-    vae_steps: int = 1000
+    dataset_size: int = 6000          # distinct rendered scenes
+    word_share: float = 0.25          # share of word scenes
+    vae_steps: int = 400
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
@@ -62,7 +62,7 @@ class PriorConfig:
     vae_layers_per_block: int = 1
     latent_channels: int = 4
     patch_size: int = 2               # 2 × 2 latent patches: 8 × 8 image tokens of 8 × 8 px
-    transformer_steps: int = 8000
+    transformer_steps: int = 2000
     transformer_batch_size: int = 64
     transformer_lr: float = 1e-3
     warmup_steps: int = 100
