@@ -79,7 +79,8 @@ def _train_default(name: str):
 @dataclass
 class ConflictSettings:
     """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, the
-    trainer's batch and learning rate; ~8 min on 2 busy cores)."""
+    trainer's batch and learning rate; on the shipped prior 2 methods took ~40 min on 2 busy
+    cores, docs/benchmarks.md)."""
 
     steps: int = 30
     seeds: int = 3
