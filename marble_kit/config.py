@@ -19,7 +19,7 @@ from marble_kit.errors import MarbleError
 GRAM_MODES = ("affine", "exact", "periodic", "none")
 LOSS_SPACES = ("x0", "velocity")
 REWARD_SCOPES = ("judged", "all")
-DEFAULT_REWARDS = ["color", "shape", "word", "sharpness"]
+DEFAULT_REWARDS = ["color", "shape", "sharpness"]
 TRACKERS = ("tensorboard", "wandb")  # report_to choices (marble_kit.tracking)
 
 
@@ -43,7 +43,7 @@ class TrainConfig:
     # run
     out: str = _f("runs/marble", "Run directory.")
     seed: int = _f(0, "Seed of everything (prompt order, noise, timesteps, LoRA init).")
-    steps: int = _f(150, "Optimizer steps.")
+    steps: int = _f(100, "Optimizer steps.")
     prompts_per_step: int = _f(4, "P: prompts per step.")
     images_per_prompt: int = _f(4, "G: images per prompt (a group for the advantages).")
     sample_steps: int = _f(8, "Sampler steps of each rollout.")

@@ -49,12 +49,13 @@ class Scene:
     def prompt(self) -> str:
         if self.word is not None:
             return f'a sign that says "{self.word.lower()}" on a {self.background} background'
-        return f"a {self.color} {self.shape} on a {self.background} background"
+        article = "an" if self.color[0] in "aeiou" else "a"
+        return f"{article} {self.color} {self.shape} on a {self.background} background"
 
 
-def random_scene(rng: random.Random, kind: str | None = None) -> Scene:
-    """A random scene: ``kind`` is "shape", "word" or None (shape 3 : word 1)."""
-    kind = kind or ("word" if rng.random() < 0.25 else "shape")
+def random_scene(rng: random.Random, kind: str | None = None, word_share: float = 0.25) -> Scene:
+    """A random scene: ``kind`` is "shape", "word" or None (a word with probability ``word_share``)."""
+    kind = kind or ("word" if rng.random() < word_share else "shape")
     background = rng.choice(list(BACKGROUNDS))
     jitter = IMAGE_SIZE * 0.08
     cx = IMAGE_SIZE / 2 + rng.uniform(-jitter, jitter)
@@ -88,8 +89,10 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     draw = ImageDraw.Draw(image)
     cx, cy, r = scene.cx * scale, scene.cy * scale, scene.radius * scale
     if scene.word is not None:
-        draw.text((cx, cy), scene.word, fill=text_color(scene.background),
-                  font=_font(int(22 * scale)), anchor="mm")
+        ink = text_color(scene.background)
+        # bold (a 1-px stroke around each glyph): strokes ~4 px wide survive the VAE
+        draw.text((cx, cy), scene.word, fill=ink, font=_font(int(22 * scale)), anchor="mm",
+                  stroke_width=max(1, round(scale)), stroke_fill=ink)
         return image
     fill = COLORS[scene.color]
     if scene.shape == "circle":

@@ -349,6 +349,6 @@ def test_long_prompts_give_one_note_instead_of_library_warnings_per_batch(capfd)
         for start in range(0, len(prompts), 4):
             policy.encode_prompts(prompts[start:start + 4])
     notes = [str(w.message) for w in caught]
-    assert len(notes) == 1 and "read 24 tokens of a prompt; longer prompts are cut" in notes[0], notes
+    assert len(notes) == 1 and "read 16 tokens of a prompt; longer prompts are cut" in notes[0], notes
     printed = capfd.readouterr()
     assert "truncated" not in printed.err + printed.out and "Token indices" not in printed.err + printed.out

@@ -98,7 +98,9 @@ def test_shipped_prior_follows_its_prompts():
     report, images = prior_eval.measure_prior(policy, noises=2, seed=123)
     assert report.samples == 2 * 54
     assert report.color_accuracy > 0.6          # chance: 1/6
-    # shapes are steered only weakly (docs/tiny-sd3.md): triangles are visibly less filled
-    assert report.fill_by_shape["triangle"] < report.fill_by_shape["square"] - 0.05
     assert report.variation_ratio > 0.5         # a prompt-blind prior measured 0.04
     assert images.std(dim=(0, 1)).mean() > 0.05  # and samples are not one flat picture
+    # held-out prompts, every attribute a reward judges (docs/tiny-sd3.md)
+    attributes, _ = prior_eval.measure_attributes(policy, noises=2, seed=7, rewards=["shape"])
+    assert attributes.accuracy["shape"] > 0.4       # distinct shapes (chance 1/3; measured 0.44 here)
+    assert attributes.accuracy["background"] > 0.8  # chance 1/3

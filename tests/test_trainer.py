@@ -303,7 +303,7 @@ def test_fused_backward_is_the_weighted_sum_of_masked_per_reward_gradients(micro
     """One backward on Σ_i c_i·ℓ(i; r_eff(i)) (+ anchor) = Σ_k w_k·∇L_k (+ ∇anchor), with the
     world's NaN patterns, any weights ≥ 0 and micro-batches."""
     trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram="exact",
-                       micro_batch=micro_batch)
+                       micro_batch=micro_batch, rewards=["color", "shape", "word", "sharpness"])
     batch = _captured_batch(trainer)
     assert (batch.coef == 0).any()  # some rows are not judged by some rewards
     grads, anchor = trainer._exact_gradients(batch)

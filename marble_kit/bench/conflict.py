@@ -72,10 +72,15 @@ METHOD_NAMES = tuple(m.name for m in METHODS)
 DEFAULT_METHODS = METHOD_NAMES[:6]
 
 
+def _train_default(name: str):
+    return getattr(TrainConfig(), name)
+
+
 @dataclass
 class ConflictSettings:
     """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, the
-    trainer's batch and learning rate; ~8 min on 2 busy cores)."""
+    trainer's batch and learning rate; on the shipped prior 2 methods took ~40 min on 2 busy
+    cores, docs/benchmarks.md)."""
 
     steps: int = 30
     seeds: int = 3
@@ -85,12 +90,13 @@ class ConflictSettings:
     eval_prompts: list = field(default_factory=lambda: ["world_eval"])
     eval_images_per_prompt: int = 4
     eval_seed: int = 1234          # held-out noise: training draws come from seeds 0, 1, 2, ...
-    prompts_per_step: int = 4
-    images_per_prompt: int = 4
-    timesteps_per_image: int = 4
-    sample_steps: int = 8
+    # the batch shape and learning rate of `marble train`'s defaults (TrainConfig)
+    prompts_per_step: int = field(default_factory=lambda: _train_default("prompts_per_step"))
+    images_per_prompt: int = field(default_factory=lambda: _train_default("images_per_prompt"))
+    timesteps_per_image: int = field(default_factory=lambda: _train_default("timesteps_per_image"))
+    sample_steps: int = field(default_factory=lambda: _train_default("sample_steps"))
     gram_period: int = 10
-    lr: float = 5e-3               # the trainer's default; 1e-2 degraded even a single reward here
+    lr: float = field(default_factory=lambda: _train_default("lr"))
     reward_scope: str = "judged"   # rows of each reward's loss (TrainConfig.reward_scope)
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)

@@ -1,8 +1,10 @@
-"""Does the tiny prior follow its prompts? Colour / shape accuracy and prompt-vs-noise variation.
+"""Does the tiny prior follow its prompts? Per-attribute accuracy and prompt-vs-noise variation.
 
 Used by the tests (on the shipped prior) and to write ``docs/tiny-sd3.md``::
 
     python -m marble_plugins.policies.prior_eval --grid docs/img/tiny_prior_samples.png
+
+On the 54 shape prompts of the world (every colour × shape × background) at fixed noises:
 
 * colour accuracy: the dominant foreground colour (nearest world palette colour, majority vote
   over pixels that differ from the border's median) equals the colour the prompt names;
@@ -11,6 +13,13 @@ Used by the tests (on the shipped prior) and to write ``docs/tiny-sd3.md``::
   triangle 0.5) classifies the shape; chance is 1/3.
 * variation: at fixed initial noise, the pixel std across prompts, versus at a fixed prompt,
   the pixel std across noises. A prior that ignores its prompts has a ratio near 0.
+
+On the held-out evaluation prompts (``world_eval``: shapes and words), every attribute a world
+reward judges (:func:`measure_attributes`): colour as above; shape by the best-matching
+silhouette template (the `shape` reward's IoU, argmax over the three shapes); the word by the
+best normalized cross-correlation with the world's word renders (the `word` reward's match,
+argmax over the six words; chance 1/6); the background by the colour most of the border shows
+(chance 1/3); plus the mean of every default reward.
 """
 
 from __future__ import annotations
@@ -141,6 +150,74 @@ def renders_accuracy(count: int = 300, seed: int = 0) -> dict[str, float]:
     }
 
 
+@dataclass
+class AttributeReport:
+    """Accuracy per attribute (share of images whose attribute is recognised as the named one)
+    and mean reward per reward, on the prompts that name the attribute."""
+
+    accuracy: dict[str, float]
+    counts: dict[str, int]
+    rewards: dict[str, float]
+    samples: int
+    seconds: float
+
+
+def held_out_prompts() -> list[str]:
+    """The held-out evaluation prompts of the default run (``world_eval``)."""
+    from marble_kit.prompts import load_prompt_sets
+
+    return [p for prompt_set in load_prompt_sets(["world_eval"]) for p in prompt_set.prompts]
+
+
+def recognised(images: torch.Tensor) -> dict[str, list[str | None]]:
+    """The shape (template IoU), word (NCC) and background (border colour) each image shows."""
+    from marble_plugins.rewards import world as rewards
+
+    lab = rewards.srgb_to_lab(images)
+    mask = rewards.foreground_mask(lab)
+    iou = rewards.soft_iou(mask, rewards.shape_templates(mask))
+    has_foreground = mask.mean(dim=(1, 2)) >= 0.02
+    shapes = [world.SHAPES[int(i)] if ok else None for i, ok in zip(iou.argmax(1), has_foreground)]
+    templates = rewards.word_templates(list(world.WORDS))
+    ncc = rewards.max_normalized_cross_correlation(images.mean(dim=1), templates)
+    words = [world.WORDS[int(i)] for i in ncc.argmax(1)]
+    names, palette, first_background = rewards.world_palette()
+    frame = rewards.srgb_to_lab(rewards.border_pixels(images, 3).unsqueeze(-1))
+    share = rewards.colour_probabilities(frame, palette).mean(dim=(2, 3))[:, first_background:]
+    backgrounds = [names[first_background + int(i)] for i in share.argmax(1)]
+    return {"shape": shapes, "word": words, "background": backgrounds}
+
+
+def measure_attributes(policy, prompts: list[str] | None = None, noises: int = 4, seed: int = 0,
+                       rewards: list[str] | None = None) -> tuple[AttributeReport, torch.Tensor]:
+    """Per-attribute accuracy and mean rewards of ``policy``'s samples (``noises`` per prompt)."""
+    from marble_kit.registry import build
+
+    start = time.perf_counter()
+    prompts = prompts or held_out_prompts()
+    generator = torch.Generator().manual_seed(seed)
+    repeated = [p for p in prompts for _ in range(noises)]
+    images = torch.cat([policy.sample(repeated[i:i + 32], generator).images
+                        for i in range(0, len(repeated), 32)])
+    wanted = [world.parse_prompt(p) for p in repeated]
+    seen = recognised(images)
+    seen["color"] = [dominant_color(image) for image in images]
+    accuracy, counts = {}, {}
+    for attribute in ("color", "shape", "word", "background"):
+        hits = [got == (want[attribute].lower() if attribute != "word" else want[attribute])
+                for got, want in zip(seen[attribute], wanted) if want[attribute]]
+        counts[attribute] = len(hits)
+        accuracy[attribute] = sum(hits) / len(hits) if hits else float("nan")
+    means = {}
+    for name in rewards or ["color", "shape", "word", "background", "sharpness"]:
+        scores = build("reward", name, {})(images, repeated)
+        finite = scores[torch.isfinite(scores)]
+        means[name] = float(finite.mean()) if finite.numel() else float("nan")
+    report = AttributeReport(accuracy=accuracy, counts=counts, rewards=means,
+                             samples=len(images), seconds=time.perf_counter() - start)
+    return report, images
+
+
 def main(argv: list[str] | None = None) -> None:
     from marble_kit.images import save_grid
     from marble_plugins.policies.sd3 import build_tiny_sd3
@@ -153,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     policy = build_tiny_sd3(path=args.path)
     report, images = measure_prior(policy, noises=args.noises, seed=args.seed)
-    print(json.dumps({**asdict(report), "renders": renders_accuracy()}, indent=2))
+    attributes, _ = measure_attributes(policy, noises=args.noises, seed=args.seed + 1)
+    print(json.dumps({**asdict(report), "held_out": asdict(attributes),
+                      "renders": renders_accuracy()}, indent=2))
     if args.grid:
         # one row per prompt: (colour, shape) on a rotating background, then the six words;
         # one column per initial noise
