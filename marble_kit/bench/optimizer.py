@@ -67,11 +67,13 @@ class MarginTrainer(Trainer):
 def policy_optimizer_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam-momentum"), steps: int = 30,
                                seeds: tuple[int, ...] = (0, 1, 2), weight_decay: float | None = None,
                                grad_clip: float | None = None, kl: float | None = None,
-                               policy: str = "tiny-sd3") -> dict[str, Any]:
+                               policy: str = "tiny-sd3", rewards: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Conflict rates and the momentum guarantee's margin of real training steps per Gram metric
     (the trainer's defaults unless ``weight_decay``, ``grad_clip`` or ``kl`` are given)."""
     settings = ConflictSettings(steps=steps, seeds=len(seeds), methods=[POLICY_METHODS[m] for m in metrics],
                                 policy=policy)
+    if rewards is not None:
+        settings.rewards = list(rewards)
     methods = {m.name: m for m in METHODS}
     overrides = {key: value for key, value in (("weight_decay", weight_decay), ("grad_clip", grad_clip),
                                                ("kl", kl)) if value is not None}
