@@ -10,28 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runs import marble, metric_lines
 from PIL import Image
-from typer.testing import CliRunner
 
-from marble_cli.app import app
 from marble_kit.compare import STEP_CLOCKS, run_labels
 from marble_kit.config import TrainConfig
 
-runner = CliRunner()
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--set", "sample_every=0", "--no-progress"]
 MATPLOTLIB_CYCLE = ["#1f77b4", "#ff7f0e"]  # C0, C1: one colour per run
-
-
-def marble(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def metric_lines(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import marble, metric_lines
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.images import make_grid
@@ -30,7 +29,6 @@ from marble_kit.prompts import load_prompt_sets
 from marble_kit.registry import build
 from marble_kit.run import sample_images, sample_prompts
 
-runner = CliRunner()
 REWARDS = ["color", "shape", "sharpness"]  # the embedded default
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
@@ -40,21 +38,10 @@ NOT_COMPARED = ("time/",)
 MATPLOTLIB_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 
 
-def marble(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def train(out: Path, steps: int, *extra: str):
     result = marble("train", "--out", out, "--steps", steps, *TINY, *extra)
     assert result.exit_code == 0, result.output
     return result
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def trajectory(rows: list[dict]) -> list[dict]:

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from typer.testing import CliRunner
+from cli_runs import marble
 
-from marble_cli.app import app
 from marble_kit.checkpoint import list_checkpoints
 from marble_kit.config import TrainConfig, read_toml
 
-runner = CliRunner()
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--set", "sample_every=0", "--no-progress"]
-
-
-def marble(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int | None]]:

@@ -16,10 +16,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cli_runs import marble, metric_lines
 from PIL import Image
-from typer.testing import CliRunner
 
-from marble_cli.app import app
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.run import RESUMABLE_KEYS, run_fingerprint
@@ -33,21 +32,9 @@ from marble_kit.tracking import (
     scalars,
 )
 
-runner = CliRunner()
 REWARDS = ["color", "shape", "sharpness"]  # the embedded default
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
-
-
-def marble(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def metric_lines(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def same_value(logged: float, written) -> bool:

@@ -77,7 +77,6 @@ def policy_optimizer_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam-mo
     methods = {m.name: m for m in METHODS}
     overrides = {key: value for key, value in (("weight_decay", weight_decay), ("grad_clip", grad_clip),
                                                ("kl", kl)) if value is not None}
-    network = None
     rows, fingerprint = [], None
     for metric in metrics:
         buckets: dict[str, list[float]] = {"0-1": [], "2-10": [], ">10": []}
