@@ -644,3 +644,257 @@ def test_option_messages_word_for_word():
         "balancer 'mgda-qp': metric=\"adam-momentum\" works on raw gradients; use normalize=\"none\" with it")
     with pytest.warns(RuntimeWarning, match=r"^balancer 'mgda-qp': degenerate Gram matrix \(nonfinite"):
         make("mgda-qp", 2).weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), 0)
+
+
+def _simplex_qp(seed: int, n: int = 4):
+    """min ½xᵀPx on the simplex as OSQP sees it: A = [1ᵀ; I] (m = n + 1 rows ≠ n columns)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, n + 2))
+    P = vectors @ vectors.T
+    A = np.vstack([np.ones((1, n)), np.eye(n)])
+    lower = np.concatenate([[1.0], np.zeros(n)])
+    upper = np.concatenate([[1.0], np.full(n, np.inf)])
+    return P, A, lower, upper
+
+
+def test_dense_qp_alone_reaches_the_optimum_to_its_tolerance():
+    # OSQP's own answer (MinNormQP refines it afterwards): accurate without the refinement
+    from marble_kit.balancing import DenseQP, active_set_qp
+
+    for seed in range(4):
+        P, A, lower, upper = _simplex_qp(seed)
+        result = DenseQP().solve(P, A, lower, upper)
+        exact = active_set_qp(P, None, np.zeros(4), c=np.ones(4), target=1.0)
+        assert result.solved is True and result.refined is False and result.iterations > 0
+        assert result.x.dtype == np.float64
+        assert np.abs(result.x - exact).max() < 1e-6, (result.x, exact)
+
+
+def test_dense_qp_warm_start_is_its_state_and_a_resumed_solver_repeats_every_solve():
+    import osqp
+
+    from marble_kit.balancing import DenseQP
+
+    P, A, lower, upper = _simplex_qp(0)
+    cold = DenseQP()
+    first = cold.solve(P, A, lower, upper)
+    state = cold.state_dict()
+    assert set(state) >= {"qp_warm_x", "qp_warm_y"}
+    assert state["qp_warm_x"].shape == (4,) and state["qp_warm_y"].shape == (5,)
+    again = cold.solve(P, A, lower, upper)                 # warm from its own answer
+    assert again.iterations < first.iterations
+    assert np.abs(again.x - first.x).max() < 1e-6
+    # a fresh solver given the state repeats the continuation bit for bit
+    P2 = P + 0.1 * np.eye(4)
+    cold.load_state_dict(state)
+    reference = cold.solve(P2, A, lower, upper)
+    resumed = DenseQP()
+    resumed.load_state_dict({k: v.clone() for k, v in state.items()})
+    repeat = resumed.solve(P2, A, lower, upper)
+    assert repeat.iterations == reference.iterations and np.array_equal(repeat.x, reference.x)
+
+    # the ρ kept for the next solve is OSQP's own estimate (clipped to OSQP's bounds [1e-6, 1e6])
+    estimates = []
+    original = osqp.OSQP.solve
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        estimates.append((float(result.info.rho_estimate), int(result.info.rho_updates)))
+        return result
+
+    qp = DenseQP()
+    try:
+        osqp.OSQP.solve = spy
+        qp.solve(P, A, lower, upper)
+    finally:
+        osqp.OSQP.solve = original
+    (estimate, updates), = estimates
+    if updates > 0:
+        assert float(qp.state_dict()["qp_rho"]) == min(max(estimate, 1e-6), 1e6)
+    else:
+        assert "qp_rho" not in qp.state_dict()
+
+
+def test_dense_qp_reports_an_infeasible_problem_and_forgets_its_warm_start():
+    from marble_kit.balancing import DenseQP
+
+    P, A, lower, upper = _simplex_qp(1)
+    qp = DenseQP()
+    assert qp.solve(P, A, lower, upper).solved
+    bad_lower, bad_upper = lower.copy(), upper.copy()
+    bad_lower[0] = bad_upper[0] = -1.0                       # Σx = −1 with x ≥ 0: infeasible
+    result = qp.solve(P, A, bad_lower, bad_upper)
+    assert result.solved is False
+    assert "qp_warm_x" not in qp.state_dict()
+    # the next solve starts cold: the same iterations as a fresh solver's
+    assert qp.solve(P, A, lower, upper).iterations == DenseQP().solve(P, A, lower, upper).iterations
+
+
+def _brute_force_qp(P, q, lower, upper, c=None, target=0.0):
+    """Independent reference: every assignment of each variable to its lower bound, its upper
+    bound or free; the free block from its KKT system; the best feasible candidate wins."""
+    n = len(lower)
+    best, best_x = np.inf, None
+    for status in itertools.product((-1, 0, 1), repeat=n):
+        status = np.array(status)
+        if np.any((status == 1) & ~np.isfinite(upper)):
+            continue
+        free = status == 0
+        x = np.where(status == 1, np.where(np.isfinite(upper), upper, 0.0), lower).astype(float)
+        k = int(free.sum())
+        rows = np.zeros((k + (c is not None), k + (c is not None)))
+        rhs = np.zeros(k + (c is not None))
+        rows[:k, :k] = P[np.ix_(free, free)]
+        rhs[:k] = -q[free] - P[np.ix_(free, ~free)] @ x[~free]
+        if c is not None:
+            rows[:k, k] = rows[k, :k] = c[free]
+            rhs[k] = target - c[~free] @ x[~free]
+        if rows.size:
+            x[free] = np.linalg.lstsq(rows, rhs, rcond=None)[0][:k]
+        if np.any(x < lower - 1e-9) or np.any(x > upper + 1e-9):
+            continue
+        if c is not None and abs(c @ x - target) > 1e-9:
+            continue
+        value = 0.5 * x @ P @ x + q @ x
+        if value < best - 1e-12:
+            best, best_x = value, x
+    return best, best_x
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 4), boxed=st.booleans(), start=st.booleans())
+def test_active_set_qp_matches_brute_force_on_box_constrained_qps(seed, n, boxed, start):
+    from marble_kit.balancing import active_set_qp
+
+    rng = np.random.default_rng(seed)
+    root = rng.normal(size=(n, n + 1))
+    P = root @ root.T + 1e-3 * np.eye(n)
+    q = 3.0 * rng.normal(size=n)
+    lower = rng.uniform(-1.0, 0.0, size=n)
+    upper = lower + rng.uniform(0.1, 1.5, size=n)
+    if not boxed:
+        upper[rng.random(n) < 0.5] = np.inf
+    x0 = rng.uniform(lower - 1, np.where(np.isfinite(upper), upper, 2.0)) if start else None
+    x = active_set_qp(P, q, lower, upper, x0=x0)
+    best, reference = _brute_force_qp(P, q, lower, upper)
+    assert x is not None
+    assert np.all(x >= lower) and np.all(x <= upper)
+    assert 0.5 * x @ P @ x + q @ x <= best + 1e-9 * max(1.0, abs(best))
+    assert np.abs(x - reference).max() < 1e-7
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 4), start=st.booleans())
+def test_active_set_qp_with_a_weighted_equality_matches_brute_force(seed, n, start):
+    # cᵀx = target with c ≠ 1 and target ≠ 1, a linear term and shifted lower bounds
+    from marble_kit.balancing import _feasible_start, active_set_qp, refine_active_set
+
+    rng = np.random.default_rng(seed)
+    root = rng.normal(size=(n, n + 1))
+    P = root @ root.T + 1e-3 * np.eye(n)
+    q = rng.normal(size=n)
+    c = rng.uniform(0.5, 2.0, size=n)
+    lower = rng.uniform(0.0, 0.2, size=n)
+    target = float(c @ lower) + rng.uniform(0.5, 3.0)
+    x0 = lower + rng.uniform(0, 2, size=n) if start else None
+    x = active_set_qp(P, q, lower, None, c, target, x0=x0)
+    _, reference = _brute_force_qp(P, q, lower, np.full(n, np.inf), c, target)
+    assert x is not None and abs(c @ x - target) < 1e-9 and np.all(x >= lower)
+    assert np.abs(x - reference).max() < 1e-7
+    # a feasible start: on the bounds, on the equality, along the given point's direction
+    for guess in (lower.copy(), lower + rng.uniform(0, 2, size=n), np.full(n, np.nan)):
+        begin = _feasible_start(c, target, lower, guess)
+        assert np.all(begin >= lower - 1e-12) and abs(c @ begin - target) < 1e-9
+    direction = rng.uniform(0.1, 2, size=n)
+    begin = _feasible_start(c, target, lower, lower + direction)
+    assert np.allclose((begin - lower) / direction, (begin - lower)[0] / direction[0])
+    assert np.allclose(_feasible_start(c, target, lower, lower.copy()), lower + (target - c @ lower) / (n * c))
+    assert np.array_equal(_feasible_start(None, 0.0, lower, lower - 1.0), lower)
+    # refining (q = 0) from the optimum: one KKT solve, so one iteration is enough
+    optimum = active_set_qp(P, None, lower, None, c, target)
+    assert np.allclose(refine_active_set(P, c, target, lower, optimum, max_iter=1), optimum, atol=1e-12)
+
+
+def test_active_set_qp_refuses_upper_bounds_with_an_equality_and_gives_up_within_max_iter():
+    from marble_kit.balancing import active_set_qp
+
+    P, n = np.eye(3), 3
+    with pytest.raises(ValueError, match=r"^active_set_qp: an equality row needs \+inf upper bounds$"):
+        active_set_qp(P, None, np.zeros(n), np.ones(n), c=np.ones(n), target=1.0)
+    # min ½‖x − 5‖² on [0, 1]³ from the origin: several iterations (one per variable at its bound)
+    q = -5.0 * np.ones(n)
+    assert active_set_qp(P, q, np.zeros(n), np.ones(n), max_iter=1) is None
+    assert np.array_equal(active_set_qp(P, q, np.zeros(n), np.ones(n)), np.ones(n))
+    # a start at the bounds already (on the upper bound and exactly at the lower)
+    assert np.array_equal(active_set_qp(P, q, np.zeros(n), np.ones(n), x0=np.ones(n), max_iter=1), np.ones(n))
+    assert np.array_equal(active_set_qp(P, -q, np.zeros(n), np.ones(n), x0=np.zeros(n), max_iter=1), np.zeros(n))
+
+
+def test_vertex_or_uniform_fallback_picks_the_best_feasible_candidate():
+    from marble_kit.balancing import _vertex_or_uniform_fallback
+
+    lower = np.array([0.1, 0.0, 0.2])
+    c = np.array([1.0, 2.0, 0.5])
+    # the vertex that puts all the slack on the cheap second coordinate: (0.1, 0.4, 0.2)
+    x = _vertex_or_uniform_fallback(np.diag([1.0, 0.01, 1.0]), c, lower)
+    assert np.allclose(x, [0.1, 0.4, 0.2]) and abs(c @ x - 1.0) < 1e-12
+    # no floor, equal costs: the uniform point (⅓ each) beats every vertex (1 vs ⅓)
+    assert np.allclose(_vertex_or_uniform_fallback(np.eye(3), np.ones(3), np.zeros(3)), np.full(3, 1 / 3))
+    # K = 2 with a rectangular-looking call would misread n: the answer has K entries
+    assert _vertex_or_uniform_fallback(np.diag([4.0, 1.0]), np.ones(2), np.zeros(2)).shape == (2,)
+
+
+def test_kkt_residual_by_hand():
+    gram = np.array([[2.0, 0.0], [0.0, 1.0]])
+    optimum = np.array([1 / 3, 2 / 3])                  # (Gλ) = (2/3, 2/3): stationary
+    assert kkt_residual(gram, optimum) == pytest.approx(0.0, abs=1e-15)
+    # λ = (½, ½): Gλ = (1, ½), ν = mean = ¾ → violations ¼ each, relative to max(ν, Σ|G_kl|λ_l) = (1, ¾)
+    assert kkt_residual(gram, np.array([0.5, 0.5])) == pytest.approx(1 / 3)
+    # λ on its floor: only (Gλ)_k < ν is a violation there; λ = (0, 1): Gλ = (0, 1), ν = 1
+    assert kkt_residual(gram, np.array([0.0, 1.0])) == pytest.approx(1.0)
+    vertex = np.array([[1.0, 1.0], [1.0, 4.0]])          # λ = (1, 0) optimal: (Gλ)_2 = 1 ≥ ν = 1
+    assert kkt_residual(vertex, np.array([1.0, 0.0])) == pytest.approx(0.0, abs=1e-15)
+    # a weight of 1e-9 above the floor still counts as on the floor
+    assert kkt_residual(vertex, np.array([1.0 - 1e-9, 1e-9])) == pytest.approx(0.0, abs=1e-15)
+    # relative: the same at any gradient scale
+    assert kkt_residual(1e-6 * gram, np.array([0.5, 0.5])) == pytest.approx(1 / 3)
+
+
+def test_weights_balancer_base_logs_lambda_counts_degenerate_steps_and_warns_by_name():
+    from marble_kit.balancing import WeightsBalancer
+
+    class Half(WeightsBalancer):
+        """A minimal subclass: loss weights that sum to ½ (degenerate on an all-zero Gram)."""
+        name = "half"
+
+        def solve(self, gram, active=None):
+            degenerate = not gram.any()
+            return np.array([0.1, 0.4]), {"balancer/degenerate": float(degenerate),
+                                           "balancer/all_zero": float(degenerate)}
+
+    balancer = Half(2)
+    assert balancer.metrics == {}
+    weights = balancer.weights(torch.eye(2, dtype=torch.float64), step=1)
+    assert torch.equal(weights, torch.tensor([0.1, 0.4], dtype=torch.float64))
+    assert torch.allclose(balancer.lam, torch.tensor([0.2, 0.8], dtype=torch.float64))   # w / Σw
+    assert balancer.metrics["balancer/weight_sum"] == pytest.approx(0.5)
+    assert balancer.metrics["balancer/degenerate_steps"] == 0.0
+    with pytest.warns(RuntimeWarning, match=r"^balancer 'half': degenerate Gram matrix \(all_zero\)"):
+        balancer.weights(torch.zeros(2, 2), step=2)
+    with pytest.warns(RuntimeWarning, match=r"^balancer 'half': degenerate"):
+        balancer.weights(torch.zeros(2, 2), step=3)
+    assert balancer.metrics["balancer/degenerate_steps"] == 2.0
+    assert balancer.state_dict()["degenerate_steps"].item() == 2.0
+
+
+def test_balancer_option_and_state_messages_word_for_word():
+    from marble_kit.balancing import check_max_weight, state_tensor
+
+    with pytest.raises(MarbleError) as error:
+        check_max_weight(0.5, "balancer 'upgrad'")
+    assert str(error.value) == ("balancer 'upgrad': max_weight=0.5 must be ≥ 1 (a reward's own share 1/n "
+                                "times n); it caps every loss weight (e.g. --balancer-opt max_weight=1000)")
+    with pytest.raises(MarbleError) as error:
+        state_tensor({}, "ema", (3,), "balancer 'marble'")
+    assert str(error.value) == ("balancer 'marble': checkpoint balancer state has no 'ema'; it was written by "
+                                "another balancer (resume with the same --balancer)")

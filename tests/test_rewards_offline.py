@@ -1,4 +1,4 @@
-"""Offline pixel-statistic rewards: brightness, colorfulness, sharpness, JPEG size."""
+"""Offline pixel-statistic rewards: brightness, colorfulness, sharpness, crispness, JPEG size."""
 
 import itertools
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from marble_kit.errors import MarbleError
 from marble_kit.registry import build
-from marble_plugins.rewards.offline import Brightness, Colorfulness, JpegSize, Sharpness
+from marble_plugins.rewards.offline import Brightness, Colorfulness, Crispness, JpegSize, Sharpness
 
 
 def _solid(rgb, size=32, batch=1):
@@ -97,6 +97,42 @@ def test_sharpness_scale_is_the_half_point_and_is_validated():
     assert Sharpness(scale=raw_std)(board, [""]).item() == pytest.approx(0.5, abs=1e-5)
     with pytest.raises(MarbleError, match="scale"):
         Sharpness(scale=0.0)
+
+
+def test_crispness_of_a_step_edge_by_hand():
+    # a vertical black|white edge: on the 63 × 63 grid of forward differences one column has
+    # |∇y| = 1, every other pixel 0; each pixel also counts with the noise floor
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 32:] = 1.0
+    n, floor = 63 * 63, 0.004
+    l1, l2 = 63 * 1.0 + n * floor, (63 * 1.0 + n * floor**2) ** 0.5
+    assert Crispness()(image, [""]).item() == pytest.approx(1 - l1 / (l2 * n**0.5), rel=1e-5)
+    assert Crispness()(_solid([0.3, 0.6, 0.9], size=64), [""]).item() == 0.0  # flat: 0, not 1
+
+
+def test_crispness_falls_with_blur_noise_and_texture_where_sharpness_rises():
+    board = _checkerboard(cell=16)
+    blurred = [Crispness()(_blur(board, s) if s else board, [""]).item() for s in (0, 0.7, 1.5, 3.0)]
+    assert all(a > b for a, b in itertools.pairwise(blurred)), blurred
+    noisy = (board * 0.6 + 0.2 + 0.05 * torch.randn(board.shape, generator=torch.Generator().manual_seed(0)))
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    lines = ((ys % 8 == 0) | (xs % 8 == 0)).float().expand(1, 3, 64, 64)
+    textured = board * 0.6 + 0.2 + 0.1 * lines                # the token-grid artefact of a patch model
+    clean = board * 0.6 + 0.2
+    for degraded in (noisy, textured):
+        assert Crispness()(degraded, [""]).item() < Crispness()(clean, [""]).item() - 0.1
+        assert Sharpness()(degraded, [""]).item() > Sharpness()(clean, [""]).item()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), offset=st.floats(-0.2, 0.2))
+def test_crispness_ignores_a_brightness_offset_and_the_resolution(seed, offset):
+    image = 0.3 + 0.4 * torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    assert torch.allclose(Crispness()(image, [""]), Crispness()(image + offset, [""]), atol=1e-5)
+    upsampled = F.interpolate(image, scale_factor=2, mode="nearest")
+    assert torch.allclose(Crispness()(upsampled, [""]), Crispness()(image, [""]), atol=1e-5)
+    with pytest.raises(MarbleError, match="floor"):
+        Crispness(floor=0.0)
 
 
 def test_jpeg_rewards_rank_noise_above_flat_and_are_opposite():
