@@ -23,7 +23,7 @@ import torch
 
 from marble_kit import gram as gram_ops
 from marble_kit.advantages import group_advantages, reward_statistics, summed_rewards
-from marble_kit.balancing import MinNormQP, balance
+from marble_kit.balancing import MinNormQP, balance, solve_period_due
 from marble_kit.config import TrainConfig
 from marble_kit.distributed import Distributed
 from marble_kit.errors import MarbleError
@@ -233,7 +233,7 @@ class Trainer:
         if not self.uses_gram:
             return "none"
         if mode == "periodic":
-            solve = step % self.config.gram_period == 0 or self.loss_weights is None
+            solve = solve_period_due(step, self.config.gram_period) or self.loss_weights is None
             return self.config.gram_solver if solve else "reuse"
         return "affine" if mode == "none" else mode  # `none` with a Gram-hungry balancer
 

@@ -898,3 +898,55 @@ def test_balancer_option_and_state_messages_word_for_word():
         state_tensor({}, "ema", (3,), "balancer 'marble'")
     assert str(error.value) == ("balancer 'marble': checkpoint balancer state has no 'ema'; it was written by "
                                 "another balancer (resume with the same --balancer)")
+
+
+def test_the_periodic_mode_solves_on_steps_0_n_2n():
+    from marble_kit.balancing import solve_period_due
+
+    assert [s for s in range(25) if solve_period_due(s, 10)] == [0, 10, 20]
+    assert all(solve_period_due(s, 1) for s in range(5))
+    with pytest.raises(MarbleError, match=r"^gram period must be ≥ 1, got 0$"):
+        solve_period_due(3, 0)
+
+
+def test_box_qp_batch_counts_its_rounds_and_finishes_unconverged_problems_exactly():
+    from marble_kit.balancing import box_qp_batch
+
+    H = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 1.5]])
+    lower, upper = np.zeros((1, 3)), np.full((1, 3), np.inf)
+    # the lower bounds are optimal (q ≥ 0): verified in the first round
+    x, rounds, converged = box_qp_batch(H, lower, upper, q=np.ones((1, 3)))
+    assert rounds == 1 and converged.all() and np.array_equal(x, lower)
+    # an interior optimum: all three variables freed in round 1, verified in round 2
+    q = -np.array([[1.0, 1.0, 1.0]])
+    x, rounds, converged = box_qp_batch(H, lower, upper, q=q)
+    assert rounds == 2 and converged.all()
+    assert np.allclose(x[0], np.linalg.solve(H, -q[0]), atol=1e-12)
+    # out of rounds: unconverged, unless the exact active-set method finishes it
+    x1, rounds, converged = box_qp_batch(H, lower, upper, max_iter=1, q=q, fallback=False)
+    assert rounds == 1 and not converged.any()
+    x2, _, converged = box_qp_batch(H, lower, upper, max_iter=1, q=q)
+    assert converged.all() and np.allclose(x2, x, atol=1e-12)
+    # several problems at once, one with finite upper bounds that bind; each as if alone
+    lowers = np.array([[0.0, 0.0, 0.0], [-1.0, 0.0, 0.2]])
+    uppers = np.array([[np.inf] * 3, [0.1, 0.3, 0.25]])
+    qs = np.array([[-1.0, 1.0, -2.0], [-1.0, -1.0, -1.0]])
+    together, _, converged = box_qp_batch(H, lowers, uppers, q=qs)
+    assert converged.all()
+    for b in range(2):
+        alone, _, _ = box_qp_batch(H, lowers[b:b + 1], uppers[b:b + 1], q=qs[b:b + 1])
+        _, reference = _brute_force_qp(H, qs[b], lowers[b], uppers[b])
+        assert np.allclose(together[b], alone[0], atol=1e-12) and np.allclose(together[b], reference, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(3, 5))
+def test_min_norm_without_a_floor_takes_the_exact_fast_path(seed, k):
+    # no floor, K ≥ 3, a full-rank Gram: the bound-constrained reformulation answers without OSQP
+    # (0 iterations)
+    gram = random_gram(seed, k, rank=k, log_spread=1.0)
+    result = MinNormQP().solve(gram)
+    _, reference = brute_force_min_norm(gram)
+    assert np.abs(result.lam - reference).max() < 1e-7
+    if reference @ gram @ reference > 1e-6 * np.diag(gram).max():   # 0 not in the hull
+        assert result.metrics["balancer/qp_iterations"] == 0.0
