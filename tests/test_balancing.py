@@ -923,7 +923,7 @@ def test_box_qp_batch_counts_its_rounds_and_finishes_unconverged_problems_exactl
     assert rounds == 2 and converged.all()
     assert np.allclose(x[0], np.linalg.solve(H, -q[0]), atol=1e-12)
     # out of rounds: unconverged, unless the exact active-set method finishes it
-    x1, rounds, converged = box_qp_batch(H, lower, upper, max_iter=1, q=q, fallback=False)
+    _, rounds, converged = box_qp_batch(H, lower, upper, max_iter=1, q=q, fallback=False)
     assert rounds == 1 and not converged.any()
     x2, _, converged = box_qp_batch(H, lower, upper, max_iter=1, q=q)
     assert converged.all() and np.allclose(x2, x, atol=1e-12)
