@@ -74,6 +74,13 @@ def test_micro_batches_sum_to_the_whole_batch_gradients(gram):
         grads[micro_batch] = (metrics, torch.cat([p.grad.reshape(-1) for p in trainer.params]))
     (whole, g_whole), (parts, g_parts) = grads[0], grads[2]
     assert (g_parts - g_whole).norm() <= 1e-3 * g_whole.norm()
+    # each micro-batch counts its share of a pass (exact skips a reward's pass in a micro-batch
+    # where it judges no row, so only affine's count is the whole batch's)
+    if gram == "affine":
+        assert parts["backward_passes"] == pytest.approx(whole["backward_passes"]) == pytest.approx(3.0)
+    else:
+        assert 1.0 < parts["backward_passes"] <= whole["backward_passes"]
+    assert parts["time/gradient_step"] > 0 and whole["time/gradient_step"] > 0
     for key in whole:
         if key.startswith(("lambda/", "cos/", "grad_norm/")):
             assert parts[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-5), key
@@ -368,6 +375,36 @@ def test_sampled_gram_rows_keep_every_group_and_cost_one_plus_two_f_passes():
     assert metrics["backward_passes"] == pytest.approx(1 + 2 * 0.25)  # the anchor rides on the update
     full = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine", kl=1e-2)
     assert full.step()["backward_passes"] == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_sampled_gram_rows_honour_an_explicit_fraction_a_floor_of_one_row_and_their_generator():
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine",
+                       gram_rows=0.25, kl=1e-2)
+    batch = _captured_batch(trainer)
+
+    def rows(fraction=None, generator=None):
+        subset = trainer._gram_rows(batch, trainer.judgement, 4, fraction, generator)
+        return torch.stack([subset.images.double(), subset.t.double().reshape(-1)])  # which rows
+
+    def per_group(picked):
+        return torch.bincount(picked[0].long() // 2, minlength=4).tolist()
+
+    drawn = torch.Generator().manual_seed(3)
+    assert per_group(rows(0.5, drawn)) == [4, 4, 4, 4]         # the argument, not the config's 0.25
+    assert per_group(rows(0.01, drawn)) == [1, 1, 1, 1]        # at least one row per group
+    # an explicit generator decides the draw (the trainer's own stream is not consumed) ...
+    first = rows(generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, rows(generator=torch.Generator().manual_seed(7)))
+    # ... and without one the trainer's seeded generator does, whatever torch's global stream
+    torch.manual_seed(0)
+    own = rows()
+    again = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine",
+                     gram_rows=0.25, kl=1e-2)
+    again_batch = _captured_batch(again)
+    torch.manual_seed(12345)
+    subset = again._gram_rows(again_batch, again.judgement, 4)
+    assert torch.equal(own, torch.stack([subset.images.double(), subset.t.double().reshape(-1)]))
 
 
 @pytest.mark.slow
