@@ -966,3 +966,87 @@ def test_min_norm_without_a_floor_takes_the_exact_fast_path(seed, k):
     assert np.abs(result.lam - reference).max() < 1e-7
     if reference @ gram @ reference > 1e-6 * np.diag(gram).max():   # 0 not in the hull
         assert result.metrics["balancer/qp_iterations"] == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 5), batch=st.integers(1, 4))
+def test_box_qp_batch_converges_on_its_own_to_the_brute_force_optimum(seed, n, batch):
+    # block principal pivoting alone (no active-set fallback) on shifted, partly two-sided boxes
+    from marble_kit.balancing import box_qp_batch
+
+    rng = np.random.default_rng(seed)
+    root = rng.normal(size=(n, n + 1))
+    H = root @ root.T + 1e-2 * np.eye(n)
+    q = 3.0 * rng.normal(size=(batch, n))
+    lower = rng.uniform(-1.0, 0.5, size=(batch, n))
+    upper = lower + rng.uniform(0.1, 2.0, size=(batch, n))
+    upper[rng.random((batch, n)) < 0.4] = np.inf
+    x, rounds, converged = box_qp_batch(H, lower, upper, q=q, fallback=False)
+    assert converged.all() and 1 <= rounds <= 50
+    for b in range(batch):
+        _, reference = _brute_force_qp(H, q[b], lower[b], upper[b])
+        assert np.abs(x[b] - reference).max() < 1e-8
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 5), rank=st.integers(1, 5), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_batched_pinv_solve_matches_numpy_pinv_on_singular_psd_matrices(seed, n, rank, scale):
+    from marble_kit.balancing import _batched_pinv_solve
+
+    rng = np.random.default_rng(seed)
+    roots = rng.normal(size=(3, n, min(rank, n)))
+    matrices = scale * roots @ roots.transpose(0, 2, 1)          # PSD, rank ≤ rank, any scale
+    rhs = rng.normal(size=(3, n))
+    expected = np.stack([np.linalg.pinv(m, rcond=1e-12, hermitian=True) @ r for m, r in zip(matrices, rhs)])
+    assert np.allclose(_batched_pinv_solve(matrices, rhs), expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+    # the cutoff is relative to the largest eigenvalue, also when that is small: 1e-13 / 1e-3 = 1e-10 stays
+    small = np.diag([1e-3, 1e-13])[None]
+    assert np.allclose(_batched_pinv_solve(small, np.ones((1, 2))), [[1e3, 1e13]])
+
+
+def test_the_min_norm_fast_path_refuses_an_answer_it_cannot_verify(monkeypatch):
+    from marble_kit import balancing
+
+    unit = np.array([[1.0, 0.2, -0.1], [0.2, 1.0, 0.3], [-0.1, 0.3, 1.0]])
+    c = np.array([1.0, 0.8, 0.6])
+    exact = balancing._min_norm_by_bounds(unit, c)
+    assert exact is not None and abs(c @ exact - 1.0) < 1e-12
+    x_star, _, _ = balancing.box_qp_batch(unit, np.zeros((1, 3)), np.full((1, 3), np.inf), q=-c[None, :])
+    x_star = x_star[0]
+
+    def answer(x, converged=True):
+        monkeypatch.setattr(balancing, "box_qp_batch",
+                            lambda *args, **kwargs: (np.asarray(x, float)[None, :], 1, np.array([converged])))
+        return balancing._min_norm_by_bounds(unit, c)
+
+    assert answer(x_star) == pytest.approx(exact)                  # the real answer passes
+    assert answer(x_star, converged=False) is None                # unconverged
+    assert answer([np.nan, 0.0, 0.0]) is None                      # not finite
+    assert answer([0.0, 0.0, 0.0]) is None                         # the min-norm point would be 0
+    assert answer(x_star * 1e13) is None                          # runaway (unbounded) QP
+    assert answer(2.0 * x_star) is None                            # stationary signs, wrong magnitude
+    # a point stationary on too small a support: another coordinate's gradient is negative
+    single = np.array([c[0] / unit[0, 0], 0.0, 0.0])
+    assert np.any(unit @ single - c < 0)
+    assert answer(single) is None
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4, 12, 13, 26, 71])
+def test_box_qp_batch_reaches_the_optimum_of_ill_conditioned_problems_through_murtys_rule(seed):
+    # curvatures spread over 10^±2 per variable (condition numbers 4e6 … 4e10): full exchanges
+    # cycle, and the single-exchange backup (Murty's rule) must finish; 14–55 rounds here
+    from marble_kit.balancing import box_qp_batch
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 9))
+    root = rng.normal(size=(n, n)) * 10.0 ** rng.uniform(-2, 2, size=(1, n))
+    H = root @ root.T + 1e-6 * np.eye(n)
+    q = 10 * rng.normal(size=(1, n))
+    lower = rng.uniform(-1, 0, size=(1, n))
+    upper = lower + rng.uniform(0.05, 1, size=(1, n))
+    x, rounds, converged = box_qp_batch(H, lower, upper, q=q, max_iter=200, fallback=False)
+    assert converged.all() and rounds > 5
+    best, reference = _brute_force_qp(H, q[0], lower[0], upper[0])
+    value = 0.5 * x[0] @ H @ x[0] + q[0] @ x[0]
+    assert value <= best + 1e-9 * abs(best)
+    assert np.abs(x[0] - reference).max() <= 1e-6 * (upper - lower).max()
