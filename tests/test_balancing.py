@@ -989,7 +989,8 @@ def test_box_qp_batch_converges_on_its_own_to_the_brute_force_optimum(seed, n, b
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(2, 5), rank=st.integers(1, 5), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 5), rank=st.integers(1, 5),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_batched_pinv_solve_matches_numpy_pinv_on_singular_psd_matrices(seed, n, rank, scale):
     from marble_kit.balancing import _batched_pinv_solve
 
