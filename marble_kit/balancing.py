@@ -653,13 +653,14 @@ def ema_update(previous: np.ndarray | None, current: np.ndarray, rho: float) -> 
 QUIET_FLAGS = ("rank_deficient", "no_active")
 
 
-def warn_degenerate(name: str, metrics: dict[str, float]) -> None:
-    """One warning naming what was degenerate (Python shows each distinct message once)."""
+def warn_degenerate(name: str, metrics: dict[str, float], stacklevel: int = 3) -> None:
+    """One warning naming what was degenerate (Python shows each distinct message once), located
+    at the caller of the balancer's ``weights`` (``stacklevel`` counts from this function)."""
     issues = [key.split("/", 1)[1] for key in (f"balancer/{f}" for f in DEGENERATE_FLAGS if f not in QUIET_FLAGS)
               if metrics.get(key, 0.0)]
     if issues:
         warnings.warn(f"balancer {name!r}: degenerate Gram matrix ({', '.join(issues)}); "
-                      "used its defined answer (see the balancer's docs)", RuntimeWarning, stacklevel=3)
+                      "used its defined answer (see the balancer's docs)", RuntimeWarning, stacklevel=stacklevel)
 
 
 def to_tensor(values: np.ndarray) -> Tensor:

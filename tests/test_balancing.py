@@ -1051,3 +1051,116 @@ def test_box_qp_batch_reaches_the_optimum_of_ill_conditioned_problems_through_mu
     value = 0.5 * x[0] @ H @ x[0] + q[0] @ x[0]
     assert value <= best + 1e-9 * abs(best)
     assert np.abs(x[0] - reference).max() <= 1e-6 * (upper - lower).max()
+
+
+def test_option_and_gram_messages_word_for_word():
+    from marble_kit.balancing import as_gram_array, check_gram_metric, check_min_weight, check_normalize
+
+    def message(call):
+        with pytest.raises(MarbleError) as error:
+            call()
+        return str(error.value)
+
+    assert message(lambda: check_normalize("l2", "balancer 'marble'")) == (
+        "balancer 'marble': normalize='l2' is not one of none, unit (e.g. --balancer-opt normalize=\"unit\")")
+    assert message(lambda: check_gram_metric("l1", "balancer 'mgda-qp'")) == (
+        "balancer 'mgda-qp': metric='l1' is not one of euclidean, adam, adam-momentum")
+    assert message(lambda: check_min_weight(0.5, 4, "balancer 'marble'")) == (
+        "balancer 'marble': min_weight=0.5 must satisfy 0 ≤ min_weight ≤ 1/K = 0.25 for K=4 rewards")
+    assert check_min_weight(0.25, 4, "b") == 0.25                      # exactly 1/K is allowed
+    assert message(lambda: as_gram_array(None, 2, "balancer 'marble'")) == (
+        "balancer 'marble' needs the per-reward Gram matrix; train with --gram affine, exact or periodic (not none)")
+    # a list or an integer array is read as float64, a tensor too
+    assert as_gram_array([[1, 0], [0, 2]], 2, "b").dtype == np.float64
+    assert as_gram_array(torch.eye(2, dtype=torch.float32), 2, "b").dtype == np.float64
+
+
+def test_balance_adapts_a_balancer_written_before_the_active_mask():
+    from marble_kit.balancing import accepts_active, balance
+
+    class Legacy:
+        """weights(gram, step): the contract before `active` existed."""
+        def __init__(self):
+            self.calls = []
+
+        def weights(self, gram, step):
+            self.calls.append((None if gram is None else gram.clone(), step))
+            return torch.full((3,), 1.0 / 3, dtype=torch.float64)
+
+    class Current:
+        def weights(self, gram, step, active=None):
+            return torch.tensor([float(step), 0.0, 0.0 if active is None else float(active.sum())])
+
+    assert not accepts_active(Legacy()) and accepts_active(Current())
+    assert balance(Current(), torch.eye(3), 7, active=torch.tensor([True, False, True])).tolist() == [7.0, 0.0, 2.0]
+    legacy = Legacy()
+    gram = torch.arange(1.0, 10.0, dtype=torch.float64).view(3, 3)
+    weights = balance(legacy, gram, 5, active=torch.tensor([True, False, True]))
+    seen, step = legacy.calls[-1]
+    assert step == 5
+    assert torch.equal(seen, torch.tensor([[1.0, 0, 3], [0, 0, 0], [7, 0, 9]], dtype=torch.float64))
+    assert weights.tolist() == [1 / 3, 0.0, 1 / 3]
+    # every reward active (or no mask, or no Gram): the call is passed through untouched
+    cases = ((torch.ones(3, dtype=torch.bool), gram), (None, gram), (torch.tensor([True, False, True]), None))
+    for active, passed in cases:
+        balance(legacy, passed, 6, active=active)
+        seen, step = legacy.calls[-1]
+        assert step == 6 and (seen is None if passed is None else torch.equal(seen, gram))
+
+
+def test_clean_simplex_by_hand():
+    from marble_kit.balancing import _clean_simplex
+
+    members = np.array([True, True, False])
+    assert np.allclose(_clean_simplex(np.array([0.2, 0.6, 0.5]), 0.0, members), [0.25, 0.75, 0.0])
+    # round-off below the floor is lifted to it, then everything renormalized
+    assert np.allclose(_clean_simplex(np.array([0.1 - 1e-12, 0.9, 0.0]), 0.1, members), [0.1, 0.9, 0.0])
+    assert np.allclose(_clean_simplex(np.array([np.nan, 0.5, 0.0]), 0.0, members), [0.0, 1.0, 0.0])
+    # nothing left: uniform over the members; no members: all zero
+    assert np.allclose(_clean_simplex(np.array([0.0, -0.0, 3.0]), 0.0, members), [0.5, 0.5, 0.0])
+    assert np.array_equal(_clean_simplex(np.array([0.3, 0.3, 0.4]), 0.0, np.zeros(3, bool)), np.zeros(3))
+
+
+def test_two_reward_min_norm_is_closed_form_without_a_solver():
+    for gram, expected in ((np.array([[1.0, 1.0], [1.0, 1.0]]), [0.5, 0.5]),      # identical: the midpoint
+                           (np.array([[1.0, 2.0], [2.0, 4.0]]), [1.0, 0.0]),      # aligned: the shorter
+                           (np.array([[4.0, 0.0], [0.0, 1.0]]), [0.2, 0.8])):
+        result = MinNormQP().solve(gram)
+        assert np.allclose(result.lam, expected)
+        assert result.metrics["balancer/qp_iterations"] == 0.0 and result.metrics["balancer/solver_fallback"] == 0.0
+
+
+def _degenerate_warning(name):
+    balancer = make(name, 3)
+    gram = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, float("nan")]], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        balancer.weights(gram, 0)
+    (warning,) = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    return warning
+
+
+@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+def test_degenerate_warning_names_every_issue(name):
+    assert str(_degenerate_warning(name).message) == (
+        f"balancer {name!r}: degenerate Gram matrix (zero_gradient, nonfinite); "
+        "used its defined answer (see the balancer's docs)")
+
+
+@pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
+def test_degenerate_warning_points_at_the_caller_of_weights(name):
+    # (mutmut's trampolines add stack frames: this one cannot judge a mutant)
+    assert _degenerate_warning(name).filename == __file__
+
+
+def test_min_norm_special_cases_by_hand():
+    # one direction left under unit normalization: it takes all the weight, without a solve
+    single = MinNormQP().solve(np.diag([2.0, 0.0]), normalize="unit")
+    assert np.allclose(single.lam, [1.0, 0.0]) and single.metrics["balancer/qp_iterations"] == 0.0
+    # no direction at all under unit normalization: nothing to balance
+    nothing = MinNormQP().solve(np.zeros((2, 2)), normalize="unit")
+    assert np.array_equal(nothing.lam, np.zeros(2)) and np.array_equal(nothing.weights, np.zeros(2))
+    # zero gradients with a floor: the nonzero ones keep the floor, the zero ones share the rest
+    gram = np.diag([1.0, 3.0, 0.0, 0.0])
+    floored = MinNormQP().solve(gram, min_weight=0.1)
+    assert np.allclose(floored.lam, [0.1, 0.1, 0.4, 0.4])

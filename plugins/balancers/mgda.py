@@ -67,7 +67,7 @@ class MgdaQP:
         result = self.solver.solve(array, self.normalize, self.min_weight, mask)
         self.degenerate_steps += int(result.metrics["balancer/degenerate"])
         self.metrics = dict(result.metrics, **{"balancer/degenerate_steps": float(self.degenerate_steps)})
-        warn_degenerate(self.name, result.metrics)
+        warn_degenerate(self.name, result.metrics, stacklevel=4)  # weights → solve → here
         return result
 
     def weights(self, gram: Tensor | None, step: int, active: Tensor | None = None) -> Tensor:
