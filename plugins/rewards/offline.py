@@ -30,6 +30,13 @@ def luminance(images: torch.Tensor) -> torch.Tensor:
     return torch.einsum("c,bchw->bhw", weights, images)
 
 
+def area_resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` area-averaged to ``size`` × ``size`` (unchanged when None or already that size)."""
+    if size is not None and images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="area")
+    return images
+
+
 class Colorfulness(Reward):
     """Hasler & Süsstrunk (2003) colourfulness M = σ_rgyb + 0.3·μ_rgyb, divided by 100.
 
@@ -72,8 +79,7 @@ class Sharpness(Reward):
         self.scale, self.size = scale, size
 
     def score(self, images, prompts):
-        if self.size is not None and images.shape[-2:] != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="area")
+        images = area_resize(images, self.size)
         kernel = self._laplacian.to(images).view(1, 1, 3, 3)
         response = F.conv2d(luminance(images).unsqueeze(1), kernel)  # valid: no border artefacts
         spread = response.flatten(1).std(dim=1, unbiased=False)
@@ -102,8 +108,7 @@ class Crispness(Reward):
         self.floor, self.size = floor, size
 
     def score(self, images, prompts):
-        if self.size is not None and images.shape[-2:] != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="area")
+        images = area_resize(images, self.size)
         luma = luminance(images.float())
         dx = luma[:, :-1, 1:] - luma[:, :-1, :-1]
         dy = luma[:, 1:, :-1] - luma[:, :-1, :-1]
