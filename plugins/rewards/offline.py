@@ -91,7 +91,7 @@ class Crispness(Reward):
 
     The normalized sparsity measure of Krishnan, Tay & Fergus (CVPR 2011, ℓ1/ℓ2 of the image
     gradients) that blind deconvolution uses to tell sharp images from blurred ones: crisp edges
-    on flat regions concentrate the gradient on few pixels (a clean world render scores ≈ 0.8),
+    on flat regions concentrate the gradient on few pixels (clean world renders score ≈ 0.70),
     while blur spreads it and noise or texture put some everywhere (both score lower). Unlike the
     Laplacian's spread (`sharpness`) it does not pay for added texture. Gradients are forward
     differences of the luma after an area resize to ``size`` px; ``floor`` (luma units) is a
