@@ -436,7 +436,7 @@ def sanitize_gram(gram: np.ndarray, active: np.ndarray | None = None, unit: bool
     if not nonzero.any() or not unit:  # unit=False: the caller needs only the masks and norms
         return CleanGram(np.zeros((0, 0)), included, nonzero, norms, flags)
     sub = gram[np.ix_(nonzero, nonzero)]
-    sub = 0.5 * (sub + sub.T)
+    sub = 0.5 * sub + 0.5 * sub.T  # (not 0.5·(sub + subᵀ): entries near float64's max would overflow)
     inv = 1.0 / norms[nonzero]
     unit = sub * inv[:, None] * inv[None, :]
     eigenvalues, vectors = np.linalg.eigh(unit)
@@ -566,7 +566,8 @@ class MinNormQP:
                 mu, c = mu[:-1], c[:-1]
             lam[nonzero] = mu * c
         lam = _clean_simplex(lam, min_weight, members)
-        weights = loss_weights(lam, clean.norms, normalize)
+        with np.errstate(over="ignore"):  # norms spanning > 1e308: handled just below
+            weights = loss_weights(lam, clean.norms, normalize)
         if not np.all(np.isfinite(weights)):
             weights, flags["solver_fallback"] = lam.copy(), True
         metrics = balancer_metrics(flags, clean.included)
@@ -600,8 +601,9 @@ class MinNormQP:
             refined = refine_active_set(P, c, 1.0, lower, candidate)
             if refined is not None:
                 return refined, result.iterations, False
-        best = np.maximum(candidates[0], lower)
-        return best / (c @ best), result.iterations, not result.solved
+        # last resort (no input is known to reach it): the first candidate mapped onto the
+        # feasible set {cᵀμ = 1, μ ≥ lower} (a plain normalization would undercut the floor)
+        return _feasible_start(c, 1.0, lower, candidates[0]), result.iterations, not result.solved
 
 
 def _min_norm_by_bounds(unit: np.ndarray, c: np.ndarray) -> np.ndarray | None:

@@ -1164,3 +1164,179 @@ def test_min_norm_special_cases_by_hand():
     gram = np.diag([1.0, 3.0, 0.0, 0.0])
     floored = MinNormQP().solve(gram, min_weight=0.1)
     assert np.allclose(floored.lam, [0.1, 0.1, 0.4, 0.4])
+
+
+def test_the_active_mask_is_read_from_tensors_arrays_and_lists():
+    from marble_kit.balancing import as_active_mask
+
+    expected = np.array([True, False, True])
+    for active in (torch.tensor([True, False, True]), np.array([1, 0, 1]), [True, False, True]):
+        mask = as_active_mask(active, 3, "w")
+        assert mask.dtype == bool and np.array_equal(mask, expected)
+    assert np.array_equal(as_active_mask(None, 2, "w"), [True, True])
+    with pytest.raises(MarbleError, match=r"w: active must be a \(3,\) bool mask, got shape \(2,\)"):
+        as_active_mask(np.array([True, False]), 3, "w")
+
+
+def test_balancer_metrics_and_loss_weights_by_hand():
+    from marble_kit.balancing import balancer_metrics, loss_weights
+
+    metrics = balancer_metrics({"nonfinite": False, "zero_gradient": True}, np.array([True, True, False]))
+    assert metrics == {"balancer/nonfinite": 0.0, "balancer/zero_gradient": 1.0, "balancer/degenerate": 1.0,
+                       "balancer/active_rewards": 2.0}
+    lam, norms = np.array([0.5, 0.2, 0.3]), np.array([2.0, 0.0, 4.0])
+    assert np.array_equal(loss_weights(lam, norms, "none"), lam)
+    # unit: s = mean of the nonzero norms (3), w = s·λ/‖g‖, 0 for the reward without a direction
+    assert np.allclose(loss_weights(lam, norms, "unit"), [3 * 0.5 / 2, 0.0, 3 * 0.3 / 4], rtol=1e-15, atol=0)
+
+
+def test_results_are_float64_tensors():
+    from marble_kit.balancing import to_tensor, uniform
+
+    for values in (np.array([0.25, 0.75], dtype=np.float32), [1, 2]):
+        assert to_tensor(values).dtype == torch.float64
+    assert uniform(4).dtype == torch.float64 and torch.equal(uniform(4), torch.full((4,), 0.25, dtype=torch.float64))
+
+
+def test_sanitize_leaves_a_psd_gram_untouched_and_flags_rank_relative_to_the_largest_eigenvalue():
+    from marble_kit.balancing import RANK_TOL
+
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(4, 9)) * np.array([[0.5], [2.0], [1.0], [3.0]])
+    gram = g @ g.T
+    clean = sanitize_gram(gram)
+    norms = np.sqrt(np.diag(gram))
+    assert np.array_equal(clean.unit, (0.5 * gram + 0.5 * gram.T) / norms[:, None] / norms[None, :])  # no re-projection
+    assert not clean.flags["non_psd"] and not clean.flags["rank_deficient"]
+    # three unit gradients with eigenvalues (ε, 1.5, 1.5): rank deficient iff ε < RANK_TOL · λ_max
+    v = np.ones(3) / np.sqrt(3.0)
+    for eps, deficient in ((1.3 * RANK_TOL, True), (1.75 * RANK_TOL, False)):
+        two_by_two = np.array([[1.0, 1.0 - 1.0 * eps], [1.0 - 1.0 * eps, 1.0]])  # eigenvalues (ε, 2 − ε)
+        assert sanitize_gram(two_by_two).flags["rank_deficient"] is (eps < 2 * RANK_TOL)
+        three = 1.5 * np.eye(3) - (1.5 - eps) * np.outer(v, v)
+        assert sanitize_gram(three).flags["rank_deficient"] is deficient
+
+
+def test_dense_qp_is_quiet_and_its_polished_answer_exact_to_round_off(capfd):
+    from marble_kit.balancing import DenseQP, active_set_qp
+
+    P, A, lower, upper = _simplex_qp(0)
+    result = DenseQP().solve(P, A, lower, upper)
+    exact = active_set_qp(P, None, np.zeros(4), c=np.ones(4), target=1.0)
+    assert np.abs(result.x - exact).max() < 1e-14  # polishing: OSQP alone stops ~1e-10 away
+    assert capfd.readouterr().out == ""
+
+
+def test_box_qp_batch_handles_binding_upper_bounds_and_keeps_an_unfinished_answer_in_the_box():
+    from marble_kit.balancing import box_qp_batch
+
+    eye, q = np.eye(2), np.array([[-5.0, -5.0]])
+    lower, upper = np.zeros((1, 2)), np.ones((1, 2))
+    x, _, converged = box_qp_batch(eye, lower, upper, q=q, fallback=False)  # unconstrained optimum (5, 5)
+    assert converged.all() and np.array_equal(x, upper)
+    # out of rounds after freeing both: the free solve (5, 5) is clipped back into the box ...
+    x, rounds, converged = box_qp_batch(eye, lower, upper, q=q, max_iter=2, fallback=False)
+    assert rounds == 2 and not converged.any() and np.all((x >= lower) & (x <= upper))
+    # ... and the exact fallback finishes it with its upper bounds
+    x, _, converged = box_qp_batch(eye, lower, upper, q=q, max_iter=2)
+    assert converged.all() and np.array_equal(x, upper)
+    # a coupled free solve that lands below a lower bound, (−1, 1), is clipped too
+    H, q = np.array([[1.0, 2.0], [2.0, 5.0]]), np.array([[-1.0, -3.0]])
+    x, _, converged = box_qp_batch(H, lower, np.full((1, 2), np.inf), q=q, max_iter=2, fallback=False)
+    assert not converged.any() and np.all(x >= lower)
+
+
+def test_min_norm_on_the_osqp_path_is_exact_and_its_osqp_iterate_is_the_warm_start():
+    # a floor takes the OSQP path: OSQP's iterate, refined by the exact active-set solve
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        g = rng.normal(size=(4, 8)) * 10.0 ** rng.uniform(-1, 1, size=(4, 1))
+        gram = g @ g.T
+        solver = MinNormQP()
+        result = solver.solve(gram, min_weight=0.05)
+        assert kkt_residual(gram, result.lam, min_weight=0.05) < 1e-12
+        assert set(result.metrics) == {f"balancer/{name}" for name in (
+            "nonfinite", "zero_gradient", "no_active", "all_zero", "non_psd", "rank_deficient", "solver_fallback",
+            "degenerate", "active_rewards", "qp_iterations")}
+        assert result.metrics["balancer/solver_fallback"] == 0.0 and result.metrics["balancer/qp_iterations"] > 0
+        # the warm start kept for the next solve is OSQP's answer in μ = λ/c (c = (1/‖g‖)/max)
+        c = (1.0 / result.norms) / (1.0 / result.norms).max()
+        assert np.abs(solver.state_dict()["qp_warm_x"].numpy() - result.lam / c).max() < 1e-6
+
+
+def test_min_norm_with_zero_gradients_and_a_floor_by_hand():
+    # two nonzero gradients and a zero one, floor 0.1: the zero gradient takes everything the
+    # floors leave (its slack variable has no curvature)
+    gram = np.diag([1.0, 4.0, 0.0])
+    result = MinNormQP().solve(gram, min_weight=0.1)
+    assert np.allclose(result.lam, [0.1, 0.1, 0.8], atol=1e-12)
+    # one nonzero gradient and a zero one: the same, not all the weight on the nonzero one
+    result = MinNormQP().solve(np.diag([2.0, 0.0]), min_weight=0.2)
+    assert np.allclose(result.lam, [0.2, 0.8], atol=1e-12)
+
+
+def test_two_reward_closed_form_with_a_small_spread_and_identical_gradients():
+    # ‖g₁ − g₂‖² = 0.1 < 1: the closest point of the segment is the endpoint g₂
+    gram = np.array([[1.0, 0.8], [0.8, 0.7]])
+    result = MinNormQP().solve(gram)
+    assert np.allclose(result.lam, [0.0, 1.0], atol=1e-12) and result.metrics["balancer/qp_iterations"] == 0.0
+    # interior point with spread < 1: t = (b − r)/spread
+    gram = np.array([[0.5, 0.3], [0.3, 0.6]])      # spread 0.5, t = 0.3/0.5 = 0.6
+    assert np.allclose(MinNormQP().solve(gram).lam, [0.6, 0.4], atol=1e-12)
+    # identical gradients: every point of the segment is the same; split evenly, no 0/0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = MinNormQP().solve(np.ones((2, 2)))
+    assert np.array_equal(result.lam, [0.5, 0.5])
+
+
+def test_unit_weights_that_overflow_fall_back_to_lambda():
+    # norms 1e154 and 1e-160 under unit normalization: s·λ/‖g‖ overflows float64 (and a Gram
+    # entry near float64's max must survive the symmetrization)
+    gram = np.diag([1e308, 1e-320])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = MinNormQP().solve(gram, normalize="unit")
+    assert np.allclose(result.lam, [0.5, 0.5]) and np.array_equal(result.weights, result.lam)
+    assert result.metrics["balancer/solver_fallback"] == 1.0
+
+
+def test_a_duplicated_gradient_shares_its_weight_evenly_on_the_osqp_path():
+    # the optimum is not unique when two rewards have the same gradient: the exact refinement
+    # (least squares on the KKT system) splits evenly; OSQP alone leaves them ~1e-10 apart
+    for seed in (0, 1, 3):
+        a, b, c = np.random.default_rng(seed).normal(size=(3, 6))
+        gradients = np.stack([a, a, b, c])
+        result = MinNormQP().solve(gradients @ gradients.T, min_weight=0.05)
+        assert abs(result.lam[0] - result.lam[1]) < 1e-14 and result.lam[0] > 0.05
+
+
+def test_min_norm_when_no_refinement_verifies_returns_osqps_point_made_feasible(monkeypatch):
+    # the last resort (no input is known to reach it): the exact refinement fails from OSQP's
+    # point and from the best vertex; the answer is OSQP's iterate moved onto the feasible set
+    # (floors kept), a fallback when OSQP did not converge either
+    from marble_kit import balancing
+    from marble_kit.balancing import QPResult, _vertex_or_uniform_fallback
+
+    g = np.random.default_rng(0).normal(size=(3, 5))
+    gram = g @ g.T
+    norms = np.sqrt(np.diag(gram))
+    c = (1.0 / norms) / (1.0 / norms).max()
+    floor = 0.1
+    monkeypatch.setattr(balancing, "refine_active_set", lambda *args, **kwargs: None)
+    iterate = np.array([3.0, 0.0, 1.0]) / c                    # λ = (3, 0, 1): off the simplex, below a floor
+    monkeypatch.setattr(balancing.DenseQP, "solve", lambda self, *args: QPResult(iterate.copy(), False, 7, False))
+    result = MinNormQP().solve(gram, min_weight=floor)
+    # by hand: λ = floor + (λ' − floor)·(1 − 3·floor)/Σ(λ' − floor) with λ' = max(λ, floor) = (3, 0.1, 1)
+    excess = np.array([2.9, 0.0, 0.9])
+    assert np.allclose(result.lam, floor + excess * (1 - 3 * floor) / excess.sum(), rtol=1e-12, atol=0)
+    assert result.metrics["balancer/solver_fallback"] == 1.0 and result.metrics["balancer/qp_iterations"] == 7.0
+    # converged but unverified: not a fallback
+    monkeypatch.setattr(balancing.DenseQP, "solve", lambda self, *args: QPResult(iterate.copy(), True, 7, False))
+    assert MinNormQP().solve(gram, min_weight=floor).metrics["balancer/solver_fallback"] == 0.0
+    # a non-finite iterate is dropped: the best vertex (or the uniform point) instead
+    monkeypatch.setattr(balancing.DenseQP, "solve",
+                        lambda self, *args: QPResult(np.full(3, np.nan), False, 9, False))
+    result = MinNormQP().solve(gram, min_weight=floor)
+    vertex = _vertex_or_uniform_fallback(gram / norms[:, None] / norms[None, :], c, floor / c)
+    assert np.allclose(result.lam, vertex * c, rtol=1e-12) and np.all(result.lam >= floor - 1e-15)

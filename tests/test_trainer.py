@@ -486,3 +486,28 @@ def test_training_rows_draw_t_in_the_configured_range_and_a_row_selection_keeps_
         assert torch.equal(getattr(chosen, name), getattr(batch, name)[rows]), name
     without_anchor = dataclasses.replace(batch, v_ref=None).select(rows, batch.coef[:, rows], batch.candidates)
     assert without_anchor.v_ref is None and torch.equal(without_anchor.x_t, batch.x_t[rows])
+
+
+@pytest.mark.slow
+def test_a_trainer_restored_from_a_state_dict_repeats_the_next_steps_bit_for_bit():
+    """state_dict / load_state_dict in one process (the checkpoint tests cover the files):
+    step, weights, Adam, balancer (EMA), reused loss weights, activity, generator and sampler."""
+    import io
+
+    config = dict(seed=5, gram="periodic", gram_period=3, balancer="marble", kl=1e-2)
+    source = _trainer(**config)
+    source.step()
+    source.consolidate()  # what the CLI calls on every rank before saving (a no-op without ZeRO)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    assert source.state_dict()["step"] == 1 and source.loss_weights is not None
+    expected = [_without_timing(source.step())]  # a reuse step: the loss weights come from the state
+    expected_params = [p.detach().clone() for p in source.params]
+
+    restored = _trainer(**{**config, "seed": 6})  # another seed: everything must come from the state
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    assert restored.step_count == 1
+    assert [_without_timing(restored.step())] == expected and expected[0]["gram_mode"] == "reuse"
+    assert all(torch.equal(a, b) for a, b in zip(restored.params, expected_params))
+    assert restored.inactive_steps.dtype == torch.float64
