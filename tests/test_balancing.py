@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1149,7 +1150,8 @@ def test_degenerate_warning_names_every_issue(name):
 
 @pytest.mark.parametrize("name", ["mgda-qp", "marble", "upgrad", "pcgrad", "cagrad"])
 def test_degenerate_warning_points_at_the_caller_of_weights(name):
-    # (mutmut's trampolines add stack frames: this one cannot judge a mutant)
+    if Path(__file__).parent.parent.name == "mutants":  # mutmut's trampolines add stack frames
+        pytest.skip("a stack level cannot be judged in mutmut's copy of the tree")
     assert _degenerate_warning(name).filename == __file__
 
 

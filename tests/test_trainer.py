@@ -1,6 +1,7 @@
 """The training step on the tiny SD3 policy: determinism, Gram modes, errors, learning."""
 
 import dataclasses
+import math
 import warnings
 
 import pytest
@@ -511,3 +512,142 @@ def test_a_trainer_restored_from_a_state_dict_repeats_the_next_steps_bit_for_bit
     assert [_without_timing(restored.step())] == expected and expected[0]["gram_mode"] == "reuse"
     assert all(torch.equal(a, b) for a, b in zip(restored.params, expected_params))
     assert restored.inactive_steps.dtype == torch.float64
+
+
+def test_gram_modes_and_the_affine_refusal_of_cross_sample_layers_are_wired(monkeypatch):
+    from marble_kit import gram as gram_ops
+
+    # --gram none with a balancer that needs a Gram: the affine Gram; without: none
+    assert _trainer(gram="none", balancer="mgda-qp").gram_mode_for(0) == "affine"
+    assert _trainer(gram="none", balancer="weighted-sum").gram_mode_for(0) == "none"
+    checked = []
+    monkeypatch.setattr(gram_ops, "refuse_cross_sample_ops", checked.append)
+    affine = _trainer(gram="affine", balancer="mgda-qp")
+    assert checked == [affine.policy.trainable_module()]
+    _trainer(gram="exact", balancer="mgda-qp")  # per-sample losses only matter to the affine Gram
+    assert len(checked) == 1
+
+
+def test_adam_momentum_metric_needs_a_fresh_whole_batch_solve_and_zero_sharding_needs_euclidean():
+    for overrides in ({"gram": "periodic"}, {"gram": "affine", "gram_rows": 0.5}):
+        config = TrainConfig(**{**TINY, **overrides, "balancer": "mgda-qp",
+                                "balancer_options": {"metric": "adam-momentum"}})
+        with pytest.raises(MarbleError, match="balancer metric \"adam-momentum\" balances the step Adam takes now"):
+            Trainer(config, build_components(config))
+    assert _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam-momentum"}).uses_gram
+    # balancers without a metric are euclidean: ZeRO takes them
+    assert type(_trainer(optimizer_sharding="zero", balancer="upgrad").optimizer) is torch.optim.AdamW
+
+
+@pytest.mark.slow
+def test_the_balancer_solves_on_the_gram_of_its_metric(monkeypatch):
+    """metric=adam: G in Adam's preconditioner; adam-momentum with clipping: the clip factor is
+    found with the exact min-norm λ of the momentum Gram, and that Gram is what the balancer gets."""
+    import numpy as np
+
+    from marble_kit import gram as gram_ops
+    from marble_kit import trainer as trainer_module
+    from marble_kit.balancing import MinNormQP
+
+    seen = []
+    original_balance = trainer_module.balance_weights
+    monkeypatch.setattr(trainer_module, "balance_weights",
+                        lambda balancer, gram, step, active: seen.append(gram.clone())
+                        or original_balance(balancer, gram, step, active))
+    calls = []
+    original_metric = gram_ops.metric_gram
+    monkeypatch.setattr(gram_ops, "metric_gram",
+                        lambda *args, **kwargs: calls.append(args[3]) or original_metric(*args, **kwargs))
+    trainer = _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam"})
+    trainer.step()
+    assert calls == ["adam"] and len(seen) == 1
+
+    solves = []
+    original_scale = gram_ops.consistent_clip_scale
+
+    def scale_spy(parts, clip, solve):
+        e = parts.gram(1.0)
+        solves.append((solve(e), MinNormQP().solve(e.cpu().numpy(), active=np.ones(len(e), dtype=bool)).lam))
+        scale = original_scale(parts, clip, solve)
+        solves.append(parts.gram(scale))
+        return scale
+
+    monkeypatch.setattr(gram_ops, "consistent_clip_scale", scale_spy)
+    seen.clear()
+    trainer = _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam-momentum"}, grad_clip=1e-4,
+                       prompts_per_step=2, images_per_prompt=4)
+    metrics = trainer.step()
+    assert all(metrics[f"active/{name}"] == 1.0 for name in trainer.reward_names)
+    (solved, reference), expected_gram = solves
+    assert np.allclose(solved.numpy(), reference, atol=1e-12)
+    assert torch.equal(seen[0], expected_gram.cpu())
+
+
+@pytest.mark.slow
+def test_step_metrics_the_update_cosines_and_judged_rows_with_two_timesteps(monkeypatch):
+    from marble_kit import gram as gram_ops
+
+    recorded = []
+    original = gram_ops.update_cosines
+    monkeypatch.setattr(gram_ops, "update_cosines",
+                        lambda grads, direction: recorded.append(direction.clone()) or original(grads, direction))
+    trainer = _trainer(gram="affine", balancer="mgda-qp", timesteps_per_image=2)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.params])
+    batch, metrics = _captured_step(trainer)
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    assert torch.equal(recorded[0], -(after - before))  # the step Adam took, reversed: descent
+    cosines = [metrics[f"cos_update/{name}"] for name in trainer.reward_names]
+    active = [metrics[f"active/{name}"] == 1.0 for name in trainer.reward_names]
+    assert metrics["cos_update/worst"] == min(c for c, a in zip(cosines, active) if a)
+    assert metrics["step"] == 1 and trainer.step_count == 1
+    for k, name in enumerate(trainer.reward_names):
+        judged_images = int(trainer.judgement.judged[k].sum())
+        assert metrics[f"judged_rows/{name}"] == 2 * judged_images
+        if judged_images:  # L_k is the mean over the rows reward k judges: 2 per judged image
+            assert float(batch.coef[k].sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_the_velocity_loss_is_the_one_trained_in_velocity_space(monkeypatch):
+    from marble_kit import trainer as trainer_module
+
+    used = []
+    for name in ("nft_loss_per_sample", "velocity_loss_per_sample"):
+        original = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name,
+                            lambda *args, _name=name, _f=original: used.append(_name) or _f(*args))
+    _trainer(loss_space="velocity", gram="exact").step()
+    assert used and set(used) == {"velocity_loss_per_sample"}
+    used.clear()
+    _trainer(gram="exact").step()
+    assert used and set(used) == {"nft_loss_per_sample"}
+
+
+@pytest.mark.slow
+def test_a_balancer_without_a_gram_gives_the_weights_of_its_own(monkeypatch):
+    trainer = _trainer(gram="none", balancer="weighted-sum", balancer_options={"weights": [3.0, 1.0, 0.0]})
+    metrics = trainer.step()
+    assert metrics["gram_mode"] == "none"
+    assert [metrics[f"weight/{name}"] for name in trainer.reward_names] == pytest.approx([0.75, 0.25, 0.0])
+
+
+def test_inactive_streaks_restart_after_an_active_step_and_warn_once():
+    from marble_kit.trainer import INACTIVE_WARN_STEPS, RowJudgement, _worst
+
+    trainer = _trainer(rewards=["color"])
+    judged = RowJudgement(torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool), 1)
+    idle = RowJudgement(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._activity(torch.tensor([False]), idle)
+        trainer._activity(torch.tensor([True]), judged)            # the streak restarts from 0
+        for _ in range(INACTIVE_WARN_STEPS - 1):
+            trainer._activity(torch.tensor([False]), idle)
+        assert not caught
+        trainer._activity(torch.tensor([False]), idle)
+        assert len(caught) == 1 and "judged no sample in the last 3 steps" in str(caught[0].message)
+        out = trainer._activity(torch.tensor([False]), idle)       # warned once per reward and kind
+        assert len(caught) == 1
+    assert out == {"active/color": 0.0, "inactive_steps/color": float(INACTIVE_WARN_STEPS + 2)}
+    assert _worst(torch.tensor([0.3, -0.2]), torch.tensor([True, False])) == pytest.approx(0.3)
+    assert math.isnan(_worst(torch.tensor([0.3, -0.2]), torch.tensor([False, False])))
