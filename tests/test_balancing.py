@@ -1269,9 +1269,9 @@ def test_min_norm_on_the_osqp_path_is_exact_and_its_osqp_iterate_is_the_warm_sta
 def test_min_norm_with_zero_gradients_and_a_floor_by_hand():
     # two nonzero gradients and a zero one, floor 0.1: the zero gradient takes everything the
     # floors leave (its slack variable has no curvature)
-    gram = np.diag([1.0, 4.0, 0.0])
-    result = MinNormQP().solve(gram, min_weight=0.1)
-    assert np.allclose(result.lam, [0.1, 0.1, 0.8], atol=1e-12)
+    for gram in (np.diag([1.0, 4.0, 0.0]), np.diag([4.0, 1.0, 0.0])):
+        result = MinNormQP().solve(gram, min_weight=0.1)
+        assert np.allclose(result.lam, [0.1, 0.1, 0.8], atol=1e-12)
     # one nonzero gradient and a zero one: the same, not all the weight on the nonzero one
     result = MinNormQP().solve(np.diag([2.0, 0.0]), min_weight=0.2)
     assert np.allclose(result.lam, [0.2, 0.8], atol=1e-12)
