@@ -128,6 +128,15 @@ def test_a_reward_that_raises_is_an_error_naming_it():
         registry.entries["reward"].pop("boom", None)
 
 
+def test_reward_options_reach_their_reward():
+    config = TrainConfig(**{**TINY, "reward_options": {"color": {"bogus": 1}}})
+    with pytest.raises(MarbleError, match="reward 'color' has no option 'bogus'"):
+        build_components(config)
+    config = TrainConfig(**{**TINY, "reward_options": {"color": {"sigma": 20.0}}})
+    components = build_components(config)
+    assert components.rewards[components.reward_names.index("color")].sigma == 20.0
+
+
 def test_prompt_tags_must_name_configured_rewards():
     config = TrainConfig(**{**TINY, "rewards": ["color"], "prompts": ["colors:color+sharpness"]})
     with pytest.raises(MarbleError, match="prompt set 'colors' is tagged with reward 'sharpness'"):
@@ -573,12 +582,18 @@ def test_the_balancer_solves_on_the_gram_of_its_metric(monkeypatch):
         return scale
 
     monkeypatch.setattr(gram_ops, "consistent_clip_scale", scale_spy)
+    anchors = []
+    original_parts = gram_ops.adam_momentum_parts
+    monkeypatch.setattr(gram_ops, "adam_momentum_parts",
+                        lambda grads, optimizer, params, anchor=None: anchors.append(anchor)
+                        or original_parts(grads, optimizer, params, anchor=anchor))
     seen.clear()
     trainer = _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam-momentum"}, grad_clip=1e-4,
                        prompts_per_step=2, images_per_prompt=4)
     metrics = trainer.step()
     assert all(metrics[f"active/{name}"] == 1.0 for name in trainer.reward_names)
     (solved, reference), expected_gram = solves
+    assert len(anchors) == 1 and anchors[0] is not None  # (zero at the first step: the policy is its reference)
     assert np.allclose(solved.numpy(), reference, atol=1e-12)
     assert torch.equal(seen[0], expected_gram.cpu())
 
@@ -591,14 +606,26 @@ def test_step_metrics_the_update_cosines_and_judged_rows_with_two_timesteps(monk
     original = gram_ops.update_cosines
     monkeypatch.setattr(gram_ops, "update_cosines",
                         lambda grads, direction: recorded.append(direction.clone()) or original(grads, direction))
+    import time
+
     trainer = _trainer(gram="affine", balancer="mgda-qp", timesteps_per_image=2)
     before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.params])
+    start = time.perf_counter()
     batch, metrics = _captured_step(trainer)
+    wall = time.perf_counter() - start
     after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    timings = {k: v for k, v in metrics.items() if k.startswith("time/")}
+    assert len(timings) == 4 and all(0.0 <= v <= wall for v in timings.values()), (timings, wall)
+    # x_t = (1 − t)·x0 + t·ε with ε standard normal (x0: unit-scale latents)
+    t = batch.t.view(-1, 1, 1, 1)
+    eps = (batch.x_t - (1 - t) * batch.x0) / t
+    assert abs(float(eps.mean())) < 0.1 and 0.9 < float(eps.std()) < 1.1
     assert torch.equal(recorded[0], -(after - before))  # the step Adam took, reversed: descent
     cosines = [metrics[f"cos_update/{name}"] for name in trainer.reward_names]
     active = [metrics[f"active/{name}"] == 1.0 for name in trainer.reward_names]
     assert metrics["cos_update/worst"] == min(c for c, a in zip(cosines, active) if a)
+    cosines = [metrics[f"cos/{name}"] for name in trainer.reward_names]
+    assert metrics["cos/worst"] == min(c for c, a in zip(cosines, active) if a)
     assert metrics["step"] == 1 and trainer.step_count == 1
     for k, name in enumerate(trainer.reward_names):
         judged_images = int(trainer.judgement.judged[k].sum())
@@ -649,5 +676,53 @@ def test_inactive_streaks_restart_after_an_active_step_and_warn_once():
         out = trainer._activity(torch.tensor([False]), idle)       # warned once per reward and kind
         assert len(caught) == 1
     assert out == {"active/color": 0.0, "inactive_steps/color": float(INACTIVE_WARN_STEPS + 2)}
+    # judged without a preference: the other warning, after as many steps from a fresh trainer
+    trainer = _trainer(rewards=["color"])
+    indifferent = RowJudgement(torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(INACTIVE_WARN_STEPS - 1):
+            trainer._activity(torch.tensor([False]), indifferent)
+        assert not caught
+        trainer._activity(torch.tensor([False]), indifferent)
+    assert len(caught) == 1 and "scored the images of every prompt group equally" in str(caught[0].message)
+    # non-finite gradients are never active (and an all-NaN batch has no largest norm)
+    assert not trainer._active(torch.tensor([True]), torch.full((1, 5), float("nan"))).any()
+    grads = torch.tensor([[3.0, 4.0], [float("inf"), 0.0], [1e-9, 0.0]])
+    assert trainer._active(torch.tensor([True, True, True]), grads).tolist() == [True, False, False]
     assert _worst(torch.tensor([0.3, -0.2]), torch.tensor([True, False])) == pytest.approx(0.3)
     assert math.isnan(_worst(torch.tensor([0.3, -0.2]), torch.tensor([False, False])))
+
+
+class MinimalBalancer:
+    """A third-party balancer with only what the Balancer protocol requires (no gram_metric)."""
+
+    needs_gram = True
+
+    def __init__(self, num_rewards):
+        self.lam = torch.full((num_rewards,), 1.0 / num_rewards, dtype=torch.float64)
+        self.metrics = {}
+
+    def weights(self, gram, step, active=None):
+        assert gram is not None and gram.shape == (len(self.lam), len(self.lam))
+        return self.lam.clone()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.slow
+def test_a_third_party_balancer_without_a_gram_metric_gets_the_euclidean_gram():
+    registry = get_registry()
+    registry.add(PluginInfo("balancer", "minimal", MinimalBalancer, "test balancer", "tests", __name__))
+    try:
+        trainer = _trainer(balancer="minimal", gram="affine", optimizer_sharding="zero")
+        assert type(trainer.optimizer) is torch.optim.AdamW
+        metrics = trainer.step()
+    finally:
+        registry.entries["balancer"].pop("minimal", None)
+    assert metrics["gram_mode"] == "affine"
+    assert all(metrics[f"weight/{name}"] == pytest.approx(1 / 3) for name in trainer.reward_names)
