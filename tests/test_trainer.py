@@ -705,6 +705,7 @@ class MinimalBalancer:
 
     def weights(self, gram, step, active=None):
         assert gram is not None and gram.shape == (len(self.lam), len(self.lam))
+        self.steps = [*getattr(self, "steps", []), step]
         return self.lam.clone()
 
     def state_dict(self):
@@ -722,7 +723,20 @@ def test_a_third_party_balancer_without_a_gram_metric_gets_the_euclidean_gram():
         trainer = _trainer(balancer="minimal", gram="affine", optimizer_sharding="zero")
         assert type(trainer.optimizer) is torch.optim.AdamW
         metrics = trainer.step()
+        trainer.step()
     finally:
         registry.entries["balancer"].pop("minimal", None)
-    assert metrics["gram_mode"] == "affine"
+    assert metrics["gram_mode"] == "affine" and trainer.balancer.steps == [0, 1]
     assert all(metrics[f"weight/{name}"] == pytest.approx(1 / 3) for name in trainer.reward_names)
+
+
+def test_row_judgement_counts_and_candidates_by_hand():
+    from marble_kit.trainer import RowJudgement
+
+    judged = torch.tensor([[True, True, False], [False, True, True]])
+    prefers = torch.tensor([[False, True, False], [False, False, True]])
+    judgement = RowJudgement(judged, prefers, timesteps=2)
+    assert judgement.counts().tolist() == [4, 4]                           # images × T
+    assert judgement.counts(torch.tensor([0, 0, 2])).tolist() == [2, 1]    # one entry per row
+    assert judgement.candidates().tolist() == [True, True]
+    assert judgement.candidates(torch.tensor([0, 2])).tolist() == [False, True]
