@@ -101,7 +101,8 @@ def test_periodic_mode_solves_every_n_steps_and_reuses_weights_between():
 @pytest.mark.slow
 def test_summed_reward_baseline_runs_one_advantage():
     trainer = _trainer(balancer="weighted-sum", balancer_options={"mode": "summed-reward"})
-    metrics = trainer.step()
+    batch, metrics = _captured_step(trainer)
+    assert batch.r.shape[0] == 1  # one advantage, of the summed rewards
     assert metrics["gram_mode"] == "none"
     assert metrics["weight/summed"] == 1.0
 
@@ -138,9 +139,16 @@ def test_reward_options_reach_their_reward():
 
 
 def test_prompt_tags_must_name_configured_rewards():
-    config = TrainConfig(**{**TINY, "rewards": ["color"], "prompts": ["colors:color+sharpness"]})
-    with pytest.raises(MarbleError, match="prompt set 'colors' is tagged with reward 'sharpness'"):
+    config = TrainConfig(**{**TINY, "rewards": ["color", "shape"], "prompts": ["colors:color+sharpness"]})
+    with pytest.raises(MarbleError) as caught:
         build_components(config)
+    assert str(caught.value) == ("prompt set 'colors' is tagged with reward 'sharpness', which is not in --rewards "
+                                 "color,shape; add it or change the tags")
+    config = TrainConfig(**{**TINY, "rewards": ["color", "shape"], "reward_options": {"word": {}}})
+    with pytest.raises(MarbleError) as caught:
+        build_components(config)
+    assert str(caught.value) == ("reward options given for ['word'] which are not in --rewards color,shape; "
+                                 "add the reward or drop the option")
 
 
 def test_config_validation_is_one_line():
@@ -156,8 +164,11 @@ def test_config_validation_is_one_line():
 
 def test_zero_sharding_refuses_a_balancer_that_reads_all_of_adams_moments():
     config = TrainConfig(**{**TINY, "optimizer_sharding": "zero", "balancer_options": {"metric": "adam"}})
-    with pytest.raises(MarbleError, match="optimizer_sharding=\"zero\".*metric 'adam'"):
+    with pytest.raises(MarbleError) as caught:
         Trainer(config, build_components(config))
+    assert str(caught.value) == ("optimizer_sharding=\"zero\" keeps each rank's share of AdamW's moments only, but "
+                                 "balancer metric 'adam' reads all of them on every rank; use optimizer_sharding="
+                                 "\"none\" or the euclidean metric")
     # one process: nothing to shard, plain AdamW (its state is what ZeRO checkpoints, gathered)
     single = _trainer(optimizer_sharding="zero")
     assert type(single.optimizer) is torch.optim.AdamW
@@ -508,6 +519,7 @@ def test_a_trainer_restored_from_a_state_dict_repeats_the_next_steps_bit_for_bit
     source = _trainer(**config)
     source.step()
     source.consolidate()  # what the CLI calls on every rank before saving (a no-op without ZeRO)
+    source.inactive_steps = torch.tensor([2.0, 0.0, 5.0], dtype=torch.float64)  # a history to carry over
     buffer = io.BytesIO()
     torch.save(source.state_dict(), buffer)
     assert source.state_dict()["step"] == 1 and source.loss_weights is not None
@@ -520,7 +532,7 @@ def test_a_trainer_restored_from_a_state_dict_repeats_the_next_steps_bit_for_bit
     assert restored.step_count == 1
     assert [_without_timing(restored.step())] == expected and expected[0]["gram_mode"] == "reuse"
     assert all(torch.equal(a, b) for a, b in zip(restored.params, expected_params))
-    assert restored.inactive_steps.dtype == torch.float64
+    assert restored.inactive_steps.dtype == torch.float64 and restored.inactive_steps.tolist() == [2.0, 0.0, 5.0]
 
 
 def test_gram_modes_and_the_affine_refusal_of_cross_sample_layers_are_wired(monkeypatch):
@@ -678,7 +690,8 @@ def test_inactive_streaks_restart_after_an_active_step_and_warn_once():
     assert out == {"active/color": 0.0, "inactive_steps/color": float(INACTIVE_WARN_STEPS + 2)}
     # judged without a preference: the other warning, after as many steps from a fresh trainer
     trainer = _trainer(rewards=["color"])
-    indifferent = RowJudgement(torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), 1)
+    one_row = torch.tensor([[True, False, False, False]])  # a single judged row is still a judgement
+    indifferent = RowJudgement(one_row, torch.zeros(1, 4, dtype=torch.bool), 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(INACTIVE_WARN_STEPS - 1):
@@ -740,3 +753,31 @@ def test_row_judgement_counts_and_candidates_by_hand():
     assert judgement.counts(torch.tensor([0, 0, 2])).tolist() == [2, 1]    # one entry per row
     assert judgement.candidates().tolist() == [True, True]
     assert judgement.candidates(torch.tensor([0, 2])).tolist() == [False, True]
+
+
+@pytest.mark.slow
+def test_gradient_clipping_and_the_reported_norm():
+    trainer = _trainer(gram="affine", balancer="mgda-qp", grad_clip=1e-6)
+    metrics = trainer.step()
+    clipped = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainer.params))
+    assert metrics["grad_norm"] > 1e-6 and float(clipped) <= 1e-6 * (1 + 1e-5)  # clipped in place
+    trainer = _trainer(gram="affine", balancer="mgda-qp", grad_clip=0.0)
+    metrics = trainer.step()
+    unclipped = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in trainer.params))
+    assert metrics["grad_norm"] == pytest.approx(float(unclipped), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_adam_momentum_without_clipping_solves_on_the_unscaled_momentum_gram(monkeypatch):
+    from marble_kit import gram as gram_ops
+    from marble_kit import trainer as trainer_module
+
+    seen, parts_made = [], []
+    original_balance, original_parts = trainer_module.balance_weights, gram_ops.adam_momentum_parts
+    monkeypatch.setattr(trainer_module, "balance_weights",
+                        lambda balancer, gram, step, active: seen.append(gram.clone())
+                        or original_balance(balancer, gram, step, active))
+    monkeypatch.setattr(gram_ops, "adam_momentum_parts",
+                        lambda *args, **kwargs: parts_made.append(original_parts(*args, **kwargs)) or parts_made[-1])
+    _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam-momentum"}, grad_clip=0.0).step()
+    assert len(seen) == 1 and torch.equal(seen[0], parts_made[0].gram(1.0).cpu())
