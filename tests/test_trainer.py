@@ -664,8 +664,9 @@ def test_the_velocity_loss_is_the_one_trained_in_velocity_space(monkeypatch):
 
 @pytest.mark.slow
 def test_a_balancer_without_a_gram_gives_the_weights_of_its_own(monkeypatch):
-    trainer = _trainer(gram="none", balancer="weighted-sum", balancer_options={"weights": [3.0, 1.0, 0.0]})
+    trainer = _trainer(gram="none", balancer="weighted-sum", balancer_options={"weights": [3.0, 1.0, 0.0]}, kl=0.0)
     metrics = trainer.step()
+    assert all(torch.isfinite(p).all() for p in trainer.params)  # no anchor: its zero term keeps the graph only
     assert metrics["gram_mode"] == "none"
     assert [metrics[f"weight/{name}"] for name in trainer.reward_names] == pytest.approx([0.75, 0.25, 0.0])
 
@@ -781,3 +782,25 @@ def test_adam_momentum_without_clipping_solves_on_the_unscaled_momentum_gram(mon
                         lambda *args, **kwargs: parts_made.append(original_parts(*args, **kwargs)) or parts_made[-1])
     _trainer(gram="affine", balancer="mgda-qp", balancer_options={"metric": "adam-momentum"}, grad_clip=0.0).step()
     assert len(seen) == 1 and torch.equal(seen[0], parts_made[0].gram(1.0).cpu())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gram", ["affine", "exact"])
+def test_the_anchor_gradient_is_one_mean_over_the_batch_across_micro_batches(gram):
+    """After a step the policy has left its reference, so the anchor gradient is not zero; split
+    into micro-batches it must still be the mean over the whole batch."""
+    trainer = _trainer(gram=gram, balancer="mgda-qp", kl=1.0, micro_batch=2)
+    trainer.step()
+    batch = _captured_batch(trainer)
+    gradients = trainer._affine_gradients if gram == "affine" else trainer._exact_gradients
+    _, split = gradients(batch)
+    trainer.config = dataclasses.replace(trainer.config, micro_batch=0)
+    _, whole = gradients(batch)
+    assert whole.norm() > 0 and (split - whole).norm() <= 1e-4 * whole.norm()
+
+
+@pytest.mark.slow
+def test_exact_mode_takes_no_pass_for_a_reward_that_judges_nothing(idle_rewards):
+    trainer = _trainer(gram="exact", balancer="mgda-qp", rewards=["color", "nan_reward"], kl=0.0)
+    metrics = trainer.step()
+    assert metrics["backward_passes"] == 1.0  # color's only; nan_reward judges no row
