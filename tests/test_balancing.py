@@ -1123,12 +1123,18 @@ def test_clean_simplex_by_hand():
 
 
 def test_two_reward_min_norm_is_closed_form_without_a_solver():
-    for gram, expected in ((np.array([[1.0, 1.0], [1.0, 1.0]]), [0.5, 0.5]),      # identical: the midpoint
+    # spread = ‖g₁ − g₂‖² in λ units; t = (b − r)/spread clipped to [0, 1]
+    for gram, expected in ((np.array([[1.0, 1.0], [1.0, 1.0]]), [0.5, 0.5]),      # identical: the midpoint, no 0/0
                            (np.array([[1.0, 2.0], [2.0, 4.0]]), [1.0, 0.0]),      # aligned: the shorter
-                           (np.array([[4.0, 0.0], [0.0, 1.0]]), [0.2, 0.8])):
-        result = MinNormQP().solve(gram)
-        assert np.allclose(result.lam, expected)
+                           (np.array([[4.0, 0.0], [0.0, 1.0]]), [0.2, 0.8]),
+                           (np.array([[1.0, 0.8], [0.8, 0.7]]), [0.0, 1.0]),      # spread 0.1 < 1: the endpoint g₂
+                           (np.array([[0.5, 0.3], [0.3, 0.6]]), [0.6, 0.4])):     # spread 0.5: t = 0.3/0.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = MinNormQP().solve(gram)
+        assert np.allclose(result.lam, expected, rtol=0, atol=1e-12)
         assert result.metrics["balancer/qp_iterations"] == 0.0 and result.metrics["balancer/solver_fallback"] == 0.0
+    assert np.array_equal(MinNormQP().solve(np.ones((2, 2))).lam, [0.5, 0.5])
 
 
 def _degenerate_warning(name):
@@ -1275,21 +1281,6 @@ def test_min_norm_with_zero_gradients_and_a_floor_by_hand():
     # one nonzero gradient and a zero one: the same, not all the weight on the nonzero one
     result = MinNormQP().solve(np.diag([2.0, 0.0]), min_weight=0.2)
     assert np.allclose(result.lam, [0.2, 0.8], atol=1e-12)
-
-
-def test_two_reward_closed_form_with_a_small_spread_and_identical_gradients():
-    # ‖g₁ − g₂‖² = 0.1 < 1: the closest point of the segment is the endpoint g₂
-    gram = np.array([[1.0, 0.8], [0.8, 0.7]])
-    result = MinNormQP().solve(gram)
-    assert np.allclose(result.lam, [0.0, 1.0], atol=1e-12) and result.metrics["balancer/qp_iterations"] == 0.0
-    # interior point with spread < 1: t = (b − r)/spread
-    gram = np.array([[0.5, 0.3], [0.3, 0.6]])      # spread 0.5, t = 0.3/0.5 = 0.6
-    assert np.allclose(MinNormQP().solve(gram).lam, [0.6, 0.4], atol=1e-12)
-    # identical gradients: every point of the segment is the same; split evenly, no 0/0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        result = MinNormQP().solve(np.ones((2, 2)))
-    assert np.array_equal(result.lam, [0.5, 0.5])
 
 
 def test_unit_weights_that_overflow_fall_back_to_lambda():
