@@ -62,9 +62,9 @@ class PriorConfig:
     vae_layers_per_block: int = 1
     latent_channels: int = 4
     patch_size: int = 2               # 2 × 2 latent patches: 8 × 8 image tokens of 8 × 8 px
-    transformer_steps: int = 2000
+    transformer_steps: int = 6000
     transformer_batch_size: int = 64
-    transformer_lr: float = 1e-3
+    transformer_lr: float = 2e-3
     warmup_steps: int = 100
     empty_prompt_probability: float = 0.1
     ema_decay: float = 0.999          # the saved transformer / text encoders are this EMA (0: off)
