@@ -43,7 +43,7 @@ class TrainConfig:
     # run
     out: str = _f("runs/marble", "Run directory.")
     seed: int = _f(0, "Seed of everything (prompt order, noise, timesteps, LoRA init).")
-    steps: int = _f(100, "Optimizer steps.")
+    steps: int = _f(150, "Optimizer steps.")
     prompts_per_step: int = _f(4, "P: prompts per step.")
     images_per_prompt: int = _f(4, "G: images per prompt (a group for the advantages).")
     sample_steps: int = _f(8, "Sampler steps of each rollout.")
@@ -52,11 +52,13 @@ class TrainConfig:
     # DiffusionNFT
     beta: float = _f(1.0, "NFT strength β (DiffusionNFT: 1.0 single reward, 0.1 multi-reward on SD3.5; "
                       "1.0 measured best on tiny-sd3, docs/user-guide.md).")
-    kl: float = _f(1e-2, "Weight of the reference anchor mean‖v_θ − v_ref‖² (not balanced; SD3.5 "
-                    "configs use ~1e-4).")
+    kl: float = _f(3e-2, "Weight of the reference anchor mean‖v_θ − v_ref‖² (not balanced; 3e-2 "
+                    "measured on tiny-sd3, docs/world.md; SD3.5 configs use ~1e-4).")
     loss_space: str = _f("x0", "NFT loss in x0 space (DiffusionNFT) or velocity space.")
     adv_clip: float = _f(5.0, "A_max: advantages are clipped to ±A_max.")
-    adv_std: str = _f("global", "Advantage std over the whole batch ('global') or per group.")
+    adv_std: str = _f("group", "Advantage std per prompt group ('group', flow_grpo's default; a global "
+                      "reward judging unlike prompt sets needs it, docs/world.md) or over the whole "
+                      "batch ('global', the DiffusionNFT release; sd35-marble pins it).")
     timestep_min: float = _f(0.02, "Smallest training t (t ~ U[min, max]).")
     timestep_max: float = _f(0.98, "Largest training t.")
     old_decay_rate: float = _f(0.02, "Old-policy EMA decay = min(rate·step, old_decay_max).")

@@ -220,9 +220,12 @@ def test_degenerate_gram_gives_finite_answer_warning_and_counter(case, name):
     assert torch.isfinite(balancer.lam).all()
     if case == "all_nan":  # nothing finite to balance: no reward takes part
         assert weights.sum() == 0 and balancer.lam.sum() == 0
+    elif case == "all_zero" and getattr(balancer, "normalize", "none") == "unit":
+        # no direction to normalize: no reward takes part (λ = 0) and the update is zero
+        assert weights.sum() == 0 and balancer.lam.sum() == 0
     else:
         assert weights.sum() > 0
-    if name in ("mgda-qp", "marble") and case != "all_nan":
+    if name in ("mgda-qp", "marble") and case != "all_nan" and weights.sum() > 0:
         assert_on_simplex(balancer.lam.numpy(), gram.shape[0])
     assert balancer.metrics[f"balancer/{flag}"] == 1.0
     assert balancer.metrics["balancer/degenerate"] == 1.0
@@ -276,7 +279,7 @@ def test_sanitize_keeps_tiny_and_zero_gradients_in_the_problem():
 def test_marble_ema_follows_the_formula_and_round_trips(seed, k, rho, floor_fraction):
     floor = floor_fraction / k
     grams = [random_gram(seed + i, k, k, 1.0) for i in range(6)]
-    balancer = make("marble", k, rho=rho, min_weight=floor)
+    balancer = make("marble", k, rho=rho, min_weight=floor, normalize="none")  # the EMA of raw λ*
     expected = None
     for step, gram in enumerate(grams[:3]):
         balancer.weights(torch.tensor(gram), step)
@@ -285,11 +288,27 @@ def test_marble_ema_follows_the_formula_and_round_trips(seed, k, rho, floor_frac
         np.testing.assert_allclose(balancer.lam.numpy(), expected, atol=1e-7)
         assert_on_simplex(balancer.lam.numpy(), k)
         assert np.all(balancer.lam.numpy() >= floor - 1e-9)
-    restored = make("marble", k, rho=rho, min_weight=floor)
+    restored = make("marble", k, rho=rho, min_weight=floor, normalize="none")
     restored.load_state_dict({key: value.clone() for key, value in balancer.state_dict().items()})
     for step, gram in enumerate(grams[3:], start=3):
         np.testing.assert_allclose(restored.weights(torch.tensor(gram), step).numpy(),
                                    balancer.weights(torch.tensor(gram), step).numpy(), atol=1e-9)
+
+
+def test_marble_balances_unit_norm_gradients_by_default_and_raw_ones_for_adam_momentum():
+    """The paper's recipe: λ of the unit-norm problem (so a small gradient does not take all the
+    weight); the optimizer-aware metric needs raw gradients and gets them without being asked."""
+    gram = torch.diag(torch.tensor([1e-4, 1.0, 4.0], dtype=torch.float64))  # orthogonal, norms 0.01, 1, 2
+    default = make("marble", 3)
+    assert default.normalize == "unit"
+    default.weights(gram, 0)
+    np.testing.assert_allclose(default.lam.numpy(), [1 / 3] * 3, atol=1e-9)  # unit orthogonal: the centre
+    raw = make("marble", 3, normalize="none")
+    raw.weights(gram, 0)
+    assert raw.lam[0] > 0.99                                                # ∝ 1/‖g‖²: the smallest wins
+    assert make("marble", 3, metric="adam-momentum", rho=0.0).normalize == "none"
+    with pytest.raises(MarbleError, match="raw gradients"):
+        make("marble", 3, metric="adam-momentum", rho=0.0, normalize="unit")
 
 
 def test_marble_state_before_first_solve_and_mismatched_state():
@@ -515,7 +534,7 @@ def test_mgda_before_its_first_step_and_its_degenerate_counter():
 def test_marble_ema_lag_is_the_l1_gap_to_this_steps_min_norm_lambda():
     """λ*_1 = (0.5, 0.5) for orthogonal unit gradients; with ρ = 0.5 and then λ*_2 = (0.8, 0.2)
     (‖g_1‖ = 0.5, ‖g_2‖ = 1: λ* ∝ 1/‖g‖²) the EMA is (0.65, 0.35): lag |0.65 − 0.8| + |0.35 − 0.2| = 0.3."""
-    balancer = make("marble", 2, rho=0.5)
+    balancer = make("marble", 2, rho=0.5, normalize="none")
     balancer.weights(torch.eye(2, dtype=torch.float64), 0)
     assert balancer.metrics["balancer/ema_lag_l1"] == 0.0
     balancer.weights(torch.diag(torch.tensor([0.25, 1.0], dtype=torch.float64)), 1)

@@ -63,7 +63,7 @@ METHODS = (
     Method("mgda", "mgda-qp", "affine"),
     Method("marble", "marble", "affine"),
     Method("marble-periodic", "marble", "periodic"),
-    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum", "rho": 0.0}),
+    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum", "rho": 0.0, "normalize": "none"}),
     # not run by default: the two gradient normalizations side by side (the `marble` default's choice)
     Method("marble-unit", "marble", "affine", {"normalize": "unit"}),
     Method("marble-none", "marble", "affine", {"normalize": "none"}),
@@ -79,8 +79,8 @@ def _train_default(name: str):
 @dataclass
 class ConflictSettings:
     """What `marble bench conflict` trains (defaults: 3 seeds × 6 methods × 30 steps, the
-    trainer's batch and learning rate; on the shipped prior 2 methods took ~40 min on 2 busy
-    cores, docs/benchmarks.md)."""
+    trainer's batch and learning rate; one method × 3 seeds × 150 steps, the default run's
+    length, took ~15 min on the shipped prior, docs/benchmarks.md)."""
 
     steps: int = 30
     seeds: int = 3

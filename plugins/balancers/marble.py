@@ -23,13 +23,20 @@ class MarbleEMA(MgdaQP):
     official release does); the λ used this step is the EMA restricted to the active rewards
     and renormalized (this solve's λ* if the EMA has no weight on them). With no active reward
     the weights are all zero and the EMA is left as it was. The EMA moves λ off the min-norm
-    point, so metric="adam-momentum" (whose guarantee needs the exact λ*) takes only rho=0.
+    point, so metric="adam-momentum" (whose guarantee needs the exact λ*) takes only rho=0
+    (and raw gradients: normalize defaults to "none" with it).
+
+    Otherwise normalize="unit" by default, as in the paper's recipe (the release balances unit-norm
+    gradients): raw min-norm λ give nearly all the weight to the reward with the smallest
+    gradient (docs/world.md); `mgda-qp` keeps the textbook raw problem.
     """
 
     name = "marble"
 
     def __init__(self, num_rewards: int, rho: float = 0.7, min_weight: float = 0.0,
-                 normalize: str = "none", metric: str = "euclidean"):
+                 normalize: str | None = None, metric: str = "euclidean"):
+        if normalize is None:  # unit-norm gradients, except for the metric that needs raw ones
+            normalize = "none" if metric == "adam-momentum" else "unit"
         super().__init__(num_rewards, normalize=normalize, metric=metric, min_weight=min_weight)
         if not 0.0 <= float(rho) < 1.0:
             raise MarbleError(f"balancer 'marble': rho={rho} must be in [0, 1) (the paper uses 0.7)")
@@ -71,4 +78,5 @@ class MarbleEMA(MgdaQP):
 @hookimpl
 def register_balancers(register):
     register("marble", MarbleEMA,
-             description="MARBLE: MGDA min-norm weights with an EMA on λ (rho=0.7), optional min_weight floor.")
+             description="MARBLE: MGDA min-norm weights of unit-norm gradients with an EMA on λ (rho=0.7), "
+             "optional min_weight floor.")
