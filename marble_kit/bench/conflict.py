@@ -63,7 +63,7 @@ METHODS = (
     Method("mgda", "mgda-qp", "affine"),
     Method("marble", "marble", "affine"),
     Method("marble-periodic", "marble", "periodic"),
-    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum", "rho": 0.0, "normalize": "none"}),
+    Method("marble-adam-momentum", "marble", "affine", {"metric": "adam-momentum", "rho": 0.0}),
     # not run by default: the two gradient normalizations side by side (the `marble` default's choice)
     Method("marble-unit", "marble", "affine", {"normalize": "unit"}),
     Method("marble-none", "marble", "affine", {"normalize": "none"}),
