@@ -15,7 +15,8 @@ from marble_plugins.policies import prior_eval, tiny_prior
 from marble_plugins.policies.sd3 import TINY_PRIOR_DIR, build_tiny_sd3
 
 TINY_RUN = {"dataset_size": 24, "vae_steps": 2, "vae_batch_size": 4, "transformer_steps": 3,
-                "transformer_batch_size": 4, "warmup_steps": 1, "threads": 1}
+            "transformer_batch_size": 4, "warmup_steps": 1, "threads": 1, "decoder_steps": 2,
+            "decoder_batch_size": 4}
 
 
 def test_tokenizer_is_deterministic_and_keeps_world_words_whole():
@@ -48,13 +49,26 @@ def test_shifted_timesteps_match_the_sampler_shift():
     assert t[0] == 0 and t[-1] == 1 and (t >= u).all()  # shift > 1 favours high noise
 
 
+def test_decoder_refinement_trains_the_decoder_and_leaves_the_latent_space_alone():
+    config = tiny_prior.PriorConfig(**{**TINY_RUN, "decoder_steps": 3})
+    torch.manual_seed(0)
+    vae = tiny_prior.build_vae(config)
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    images, _ = tiny_prior.world_dataset(8, 0)
+    tiny_prior.refine_decoder(vae, images, config, log=lambda _: None)
+    changed = {name for name, p in vae.named_parameters() if not torch.equal(p, before[name])}
+    # every encoder weight (the latent space the transformer models) is bitwise unchanged
+    assert changed and all(name.startswith("decoder.") for name in changed)
+    assert all(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
 @pytest.mark.slow
 def test_short_prior_run_is_seeded_and_loads_through_the_policy(tmp_path):
     config = tiny_prior.PriorConfig(**TINY_RUN)
     tiny_prior.train_prior(tmp_path / "a", config, log=lambda _: None)
     tiny_prior.main(["--out", str(tmp_path / "b"), "--steps", "3", "--vae-steps", "2",
                      "--dataset-size", "24", "--threads", "1", "--vae-batch-size", "4",
-                     "--batch-size", "4"])
+                     "--batch-size", "4", "--decoder-steps", "2", "--decoder-batch-size", "4"])
     for part in ("transformer/diffusion_pytorch_model", "vae/diffusion_pytorch_model",
                  "text_encoder/model"):
         a = load_file(tmp_path / "a" / f"{part}.safetensors")

@@ -11,10 +11,12 @@ The shipped weights in ``plugins/policies/tiny_sd3/`` were produced by::
 
     python -m marble_plugins.policies.tiny_prior --out plugins/policies/tiny_sd3
 
-Three stages: (1) the VAE learns to reconstruct world images; (2) the latent statistics set the
+Four stages: (1) the VAE learns to reconstruct world images; (2) the latent statistics set the
 VAE's ``shift_factor`` / ``scaling_factor`` so the transformer sees unit-scale latents; (3) the
 transformer and both text encoders learn rectified flow (x_t = (1-t)·x0 + t·ε, v = ε - x0) on
-(latent, prompt) pairs, with 10% empty prompts so classifier-free guidance also works.
+(latent, prompt) pairs, with 10% empty prompts so classifier-free guidance also works; (4) the
+VAE decoder alone trains further with the encoder frozen (the latent space the transformer
+learnt stays as it is): the short VAE stage leaves its reconstructions blurred.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class PriorConfig:
     vae_latent_noise: float = 1.0    # scale of the posterior noise in training (0: the mean)
     vae_block_out_channels: tuple = (16, 32, 32)   # 3 blocks: 64 px → 16 × 16 latents
     vae_layers_per_block: int = 1
+    decoder_steps: int = 600          # stage 4: decoder-only refinement (encoder frozen)
+    decoder_batch_size: int = 32
+    decoder_lr: float = 1e-3
     latent_channels: int = 4
     patch_size: int = 2               # 2 × 2 latent patches: 8 × 8 image tokens of 8 × 8 px
     transformer_steps: int = 6000
@@ -268,6 +273,19 @@ def edge_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.l1_loss(ry, ty) + F.l1_loss(rx, tx)
 
 
+def noisy_latents(posterior, config: PriorConfig, generator: torch.Generator) -> torch.Tensor:
+    """A posterior sample with its noise scaled by ``vae_latent_noise`` (0: the mean)."""
+    return posterior.mean + config.vae_latent_noise * posterior.std * torch.randn(
+        posterior.mean.shape, generator=generator)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, config: PriorConfig) -> torch.Tensor:
+    """L1 + ``vae_mse_weight``·MSE + ``vae_edge_weight``·L1 of the image gradients."""
+    return (F.l1_loss(reconstruction, target)
+            + config.vae_mse_weight * F.mse_loss(reconstruction, target)
+            + config.vae_edge_weight * edge_loss(reconstruction, target))
+
+
 def train_vae(vae, images: torch.Tensor, config: PriorConfig, generator: torch.Generator,
               log: Callable[[str], None]) -> None:
     """Reconstruction (MSE) plus a tiny KL term, on random batches of world images."""
@@ -278,19 +296,48 @@ def train_vae(vae, images: torch.Tensor, config: PriorConfig, generator: torch.G
             group["lr"] = config.vae_lr * warmup_cosine(step, config.vae_steps, config.warmup_steps)
         batch = images[torch.randint(len(images), (config.vae_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + config.vae_latent_noise * posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator)
-        reconstruction = vae.decode(latents).sample
-        loss = (F.l1_loss(reconstruction, batch)
-                + config.vae_mse_weight * F.mse_loss(reconstruction, batch)
-                + config.vae_edge_weight * edge_loss(reconstruction, batch)
-                + config.vae_kl_weight * posterior.kl().mean())
+        reconstruction = vae.decode(noisy_latents(posterior, config, generator)).sample
+        loss = reconstruction_loss(reconstruction, batch, config) + config.vae_kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 200 == 0 or step == config.vae_steps - 1:
             log(f"vae step {step:5d}  loss {loss.item():.4f}")
     vae.eval()
+
+
+def refine_decoder(vae, images: torch.Tensor, config: PriorConfig, log: Callable[[str], None]) -> None:
+    """Stage 4: train the decoder alone, on the VAE stage's loss, with the encoder frozen.
+
+    The encoder (and so the latent space, its shift/scale and everything the transformer learnt)
+    does not change; the decoder learns to turn the same latents into crisper images (the
+    400-step VAE stage leaves edges blurred: docs/tiny-sd3.md). Its own generator (seed + 1),
+    so the earlier stages are exactly as without it.
+    """
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    encoder = [p for name, p in vae.named_parameters() if not name.startswith("decoder.")]
+    decoder = [p for name, p in vae.named_parameters() if name.startswith("decoder.")]
+    for parameter in encoder:
+        parameter.requires_grad_(False)
+    vae.train()
+    optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+    try:
+        for step in range(config.decoder_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.decoder_lr * warmup_cosine(step, config.decoder_steps, config.warmup_steps)
+            batch = images[torch.randint(len(images), (config.decoder_batch_size,), generator=generator)]
+            with torch.no_grad():
+                latents = noisy_latents(vae.encode(batch).latent_dist, config, generator)
+            loss = reconstruction_loss(vae.decode(latents).sample, batch, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 200 == 0 or step == config.decoder_steps - 1:
+                log(f"decoder step {step:5d}  loss {loss.item():.4f}")
+    finally:
+        for parameter in encoder:
+            parameter.requires_grad_(True)
+        vae.eval()
 
 
 @torch.no_grad()
@@ -372,6 +419,8 @@ def train_prior(out_dir: str | Path, config: PriorConfig | None = None,
             f"shift {pipeline.vae.config.shift_factor:.3f} scale {pipeline.vae.config.scaling_factor:.3f}")
         train_transformer(pipeline, latents, prompts, config, generator, log)
         log(f"transformer done at {time.perf_counter() - start:.0f}s")
+        refine_decoder(pipeline.vae, images, config, log)
+        log(f"decoder done at {time.perf_counter() - start:.0f}s")
         save_prior(pipeline, out_dir, config)
         return out_dir
     finally:
@@ -402,11 +451,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.transformer_batch_size,
                         help="transformer batch size")
     parser.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size)
+    parser.add_argument("--decoder-steps", type=int, default=defaults.decoder_steps,
+                        help="stage 4: decoder-only refinement steps")
+    parser.add_argument("--decoder-batch-size", type=int, default=defaults.decoder_batch_size)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     args = parser.parse_args(argv)
     config = PriorConfig(seed=args.seed, transformer_steps=args.steps, vae_steps=args.vae_steps,
                          dataset_size=args.dataset_size, threads=args.threads,
                          transformer_batch_size=args.batch_size, vae_batch_size=args.vae_batch_size,
+                         decoder_steps=args.decoder_steps, decoder_batch_size=args.decoder_batch_size,
                          warmup_steps=min(defaults.warmup_steps, max(1, args.steps // 10)))
     train_prior(args.out, config)
 
