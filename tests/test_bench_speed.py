@@ -153,3 +153,18 @@ def test_weights_fingerprint_ignores_lora_and_sees_base_weights():
         module["base"].weight.add_(1.0)
     assert weights_fingerprint(module) != before
     assert weights_fingerprint(module, max_parameters=5) is None
+
+
+def test_policy_fingerprint_sees_a_change_of_the_decoder_alone():
+    from marble_kit.bench.common import policy_fingerprint
+    from marble_kit.registry import build
+
+    policy = build("policy", "tiny-sd3", {"seed": 0})
+    before, bias = policy_fingerprint(policy), policy.pipeline.vae.decoder.conv_out.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(1e-3)  # the transformer is untouched
+    assert policy_fingerprint(policy) != before
+    with torch.no_grad():
+        bias.copy_(saved)
+    assert policy_fingerprint(policy) == before

@@ -75,16 +75,29 @@ def _cpu_model() -> str | None:
     return match.group(1).strip() if match else None
 
 
-def weights_fingerprint(module: torch.nn.Module, max_parameters: int = 50_000_000) -> str | None:
-    """Short hash of a module's base weights, LoRA excluded (which prior a figure came from,
-    before or after training); None for big models."""
-    tensors = [t for name, t in module.state_dict().items() if "lora_" not in name]
+def weights_fingerprint(module: torch.nn.Module | Sequence[torch.nn.Module],
+                        max_parameters: int = 50_000_000) -> str | None:
+    """Short hash of the base weights of a module (or of several, in order), LoRA excluded (which
+    prior a figure came from, before or after training); None for big models."""
+    modules = [module] if isinstance(module, torch.nn.Module) else list(module)
+    tensors = [t for m in modules for name, t in m.state_dict().items() if "lora_" not in name]
     if sum(t.numel() for t in tensors) > max_parameters:
         return None
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+def policy_fingerprint(policy, max_parameters: int = 50_000_000) -> str | None:
+    """`weights_fingerprint` of everything a policy samples with: the trainable module and, for
+    a diffusers-backed policy, every other model of its pipeline (VAE, text encoders) in name
+    order — so a prior whose decoder alone changed gets a new fingerprint."""
+    modules = [policy.trainable_module()]
+    components = getattr(getattr(policy, "pipeline", None), "components", None) or {}
+    modules += [m for _, m in sorted(components.items())
+                if isinstance(m, torch.nn.Module) and all(m is not other for other in modules)]
+    return weights_fingerprint(modules, max_parameters)
 
 
 # ---------------------------------------------------------------- memory

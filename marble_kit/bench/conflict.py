@@ -38,7 +38,7 @@ from marble_kit.bench.common import (
     mean_and_spread,
     new_figure,
     save_figure,
-    weights_fingerprint,
+    policy_fingerprint,
 )
 from marble_kit.config import DEFAULT_REWARDS, TrainConfig
 from marble_kit.errors import MarbleError
@@ -297,7 +297,7 @@ def run_conflict_benchmark(settings: ConflictSettings | None = None,
     for seed in range(settings.seeds):
         first = settings.config(methods[0], seed)
         policy = build_policy(first)
-        device, fingerprint = policy.device, weights_fingerprint(policy.trainable_module())
+        device, fingerprint = policy.device, policy_fingerprint(policy)
         initial_state = policy.state_dict()
         held_out = held_out_prompts(settings, list(settings.rewards))
         rewards = components_for(first, policy).rewards

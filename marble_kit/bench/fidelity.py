@@ -40,7 +40,7 @@ from marble_kit.bench.common import (
     mean_and_spread,
     new_figure,
     save_figure,
-    weights_fingerprint,
+    policy_fingerprint,
 )
 from marble_kit.config import DEFAULT_REWARDS, TrainConfig
 from marble_kit.errors import MarbleError
@@ -281,7 +281,7 @@ def run_seed(settings: FidelitySettings, seed: int, policy: Any = None) -> dict[
         if "fp32" in record:
             entry["precision"] = precision_errors(record)
         records.append(entry)
-    return {"seed": seed, "steps": records, "fingerprint": weights_fingerprint(policy.trainable_module()),
+    return {"seed": seed, "steps": records, "fingerprint": policy_fingerprint(policy),
             "device": str(policy.device), "modes": modes_of(trainer.fractions)}
 
 

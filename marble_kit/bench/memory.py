@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import PROC_STATUS, machine_description, reset_peak_memory, weights_fingerprint
+from marble_kit.bench.common import PROC_STATUS, machine_description, reset_peak_memory, policy_fingerprint
 from marble_kit.bench.speed import K5_REWARDS, SPEED_PROMPTS
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
@@ -100,7 +100,7 @@ def probe(config: TrainConfig, threads: int) -> dict[str, Any]:
     reset_peak_memory(device)
     for _ in range(config.steps):
         trainer.step()
-    fingerprint = weights_fingerprint(trainer.policy.trainable_module())
+    fingerprint = policy_fingerprint(trainer.policy)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {"device": str(device), "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,

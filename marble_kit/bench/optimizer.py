@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import build_policy, components_for, machine_description, weights_fingerprint
+from marble_kit.bench.common import build_policy, components_for, machine_description, policy_fingerprint
 from marble_kit.bench.conflict import METHODS, ConflictSettings
 from marble_kit.trainer import Trainer
 
@@ -86,7 +86,7 @@ def policy_optimizer_benchmark(metrics: tuple[str, ...] = ("euclidean", "adam-mo
             for key, value in overrides.items():
                 setattr(config, key, value)
             network = build_policy(config)  # the seed's own base weights and LoRA initialisation
-            fingerprint = fingerprint or weights_fingerprint(network.trainable_module())
+            fingerprint = fingerprint or policy_fingerprint(network)
             trainer = MarginTrainer(config, components_for(config, network))
             for step in range(steps):
                 record = trainer.step()

@@ -40,7 +40,7 @@ from marble_kit.bench.common import (
     reset_peak_memory,
     save_figure,
     synchronize,
-    weights_fingerprint,
+    policy_fingerprint,
 )
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
@@ -252,7 +252,7 @@ def run_speed_benchmark(settings: SpeedSettings | None = None, policy: Any = Non
         "benchmark": "speed",
         "settings": asdict(settings),
         "machine": machine_description(shared_policy.device),
-        "policy_fingerprint": weights_fingerprint(shared_policy.trainable_module()),
+        "policy_fingerprint": policy_fingerprint(shared_policy),
         "rows": rows,
         "targets": check_targets(rows),
         "samples": samples,
