@@ -39,8 +39,8 @@ from marble_kit.bench.common import (
     machine_description,
     mean_and_spread,
     new_figure,
-    save_figure,
     policy_fingerprint,
+    save_figure,
 )
 from marble_kit.config import DEFAULT_REWARDS, TrainConfig
 from marble_kit.errors import MarbleError

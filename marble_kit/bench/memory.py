@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import PROC_STATUS, machine_description, reset_peak_memory, policy_fingerprint
+from marble_kit.bench.common import PROC_STATUS, machine_description, policy_fingerprint, reset_peak_memory
 from marble_kit.bench.speed import K5_REWARDS, SPEED_PROMPTS
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError

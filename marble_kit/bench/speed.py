@@ -37,10 +37,10 @@ from marble_kit.bench.common import (
     median,
     new_figure,
     peak_memory_mb,
+    policy_fingerprint,
     reset_peak_memory,
     save_figure,
     synchronize,
-    policy_fingerprint,
 )
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
