@@ -275,6 +275,11 @@ def conflict(
                                        "also marble-unit, marble-none)."),
     eval_images_per_prompt: int = typer.Option(4, "--eval-images-per-prompt", help="Held-out images per prompt."),
     reward_scope: str = typer.Option("judged", "--reward-scope", help="Rows of each reward's loss: judged or all."),
+    rewards: str | None = typer.Option(None, "--rewards", help="Comma-separated rewards (default: the default "
+                                       "run's, color,shape,centering)."),
+    prompts: list[str] | None = typer.Option(None, "--prompts", help="Training prompt sets, as `marble train "
+                                             "--prompts` (default: default; world_sharpness is the previous "
+                                             "mixture). Repeatable."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for conflict.json and conflict.png."),
 ):
@@ -290,6 +295,10 @@ def conflict(
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
                                 methods=names_option(methods, "--methods") or list(DEFAULT_METHODS),
                                 reward_scope=reward_scope)
+    if rewards is not None:
+        settings.rewards = names_option(rewards, "--rewards")
+    if prompts:
+        settings.prompts = list(prompts)
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(

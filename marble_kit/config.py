@@ -19,7 +19,7 @@ from marble_kit.errors import MarbleError
 GRAM_MODES = ("affine", "exact", "periodic", "none")
 LOSS_SPACES = ("x0", "velocity")
 REWARD_SCOPES = ("judged", "all")
-DEFAULT_REWARDS = ["color", "shape", "sharpness"]
+DEFAULT_REWARDS = ["color", "shape", "centering"]
 TRACKERS = ("tensorboard", "wandb")  # report_to choices (marble_kit.tracking)
 
 

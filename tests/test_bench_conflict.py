@@ -120,12 +120,17 @@ def test_library_run_reports_every_step_including_periodic_reuse():
 
 @pytest.mark.slow
 def test_cli_conflict_smoke_writes_json_and_plot(tmp_path):
+    # the previous default world (sharpness as the global reward) through --rewards / --prompts
     result = runner.invoke(app, ["bench", "conflict", "--steps", "1", "--seeds", "1", "--methods",
                                  "weighted-sum,marble", "--eval-images-per-prompt", "1", "--json",
+                                 "--rewards", "color,shape,sharpness", "--prompts", "world_sharpness",
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert [row["method"] for row in summary["rows"]] == ["weighted-sum", "marble"]
+    assert list(summary["rows"][0]["changes"]) == ["color", "shape", "sharpness"]
+    report = json.loads((tmp_path / "conflict.json").read_text())
+    assert report["settings"]["prompts"] == ["world_sharpness"]
     assert {t["method"] for t in summary["targets"]} == {"weighted-sum", "marble"}
     assert len(json.loads((tmp_path / "conflict.json").read_text())["runs"]) == 2
     assert (tmp_path / "conflict.png").stat().st_size > 0

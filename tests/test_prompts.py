@@ -150,7 +150,13 @@ def test_default_manifest_has_specialist_sets_and_at_least_three_rewards():
     assert len(rewards) >= 3
     # one reward judges every set (the global one) and each set has its own specialist reward
     shared = [r for r in rewards if all(s.applies(r) for s in sets)]
-    assert shared == ["sharpness"]
+    assert shared == ["centering"]
+    # shape, the slowest reward to rise, gets twice the draws (docs/world.md)
+    assert [(s.name, s.weight) for s in sets] == [("colors", 1.0), ("shapes", 2.0), ("words", 1.0)]
+    # the previous default mixture ships too: sharpness judges every set, words by it alone
+    previous = load_prompt_sets("world_sharpness")
+    assert [(s.name, s.rewards, s.weight) for s in previous] == [
+        ("colors", ["color", "sharpness"], 1.0), ("shapes", ["shape", "sharpness"], 1.0), ("words", ["sharpness"], 1.0)]
     specialists = [[r for r in s.rewards if r not in shared] for s in sets]
     assert sorted(r for rewards in specialists for r in rewards) == ["color", "shape", "word"]
 
@@ -274,7 +280,7 @@ def test_applicability_mask_matches_the_tags(tags, data):
 
 def test_applicability_mask_of_the_default_mixture():
     sets = load_prompt_sets("default")
-    mask = applicability_mask([0, 1, 2, 2], ["color", "shape", "word", "sharpness"], sets)
+    mask = applicability_mask([0, 1, 2, 2], ["color", "shape", "word", "centering"], sets)
     assert mask.tolist() == [[True, False, False, False], [False, True, False, False],
                              [False, False, True, True], [True, True, True, True]]
     with pytest.raises(MarbleError, match="out of range"):

@@ -14,6 +14,7 @@ from marble_kit.registry import build
 from marble_plugins import world
 from marble_plugins.rewards.world import (
     BackgroundFidelity,
+    Centering,
     ColorFidelity,
     ShapeFidelity,
     WordFidelity,
@@ -188,3 +189,59 @@ def test_registered_under_their_names():
         reward = build("reward", name)
         assert reward.name == name
         assert math.isnan(reward(torch.zeros(1, 3, 64, 64), ["nothing named"]).item())
+
+
+# ------------------------------------------------------------------------------- centering
+
+
+def test_centering_follows_the_gaussian_of_the_subjects_offset():
+    # a circle's centroid is its drawing centre: the score is exp(-d^2 / 2 sigma^2) of its offset
+    # (pixel centres sit at i + 0.5, the canvas centre at 32; the mask's soft edge and the
+    # presence factor a / (a + a0) cost under 1 %)
+    reward = Centering()
+    offsets = [(0.0, 0.0), (2.0, 0.0), (0.0, -4.0), (3.0, 4.0), (6.0, 6.0)]
+    scenes = [world.Scene(color="blue", shape="circle", background="white", cx=32 + dx, cy=32 + dy)
+              for dx, dy in offsets]
+    scores = reward(_batch(scenes), [s.prompt() for s in scenes])
+    expected = torch.tensor([math.exp(-(dx * dx + dy * dy) / (2 * 4.0**2)) for dx, dy in offsets])
+    assert torch.allclose(scores, expected, atol=0.02), (scores, expected)
+    assert scores[0] > 0.98
+
+
+def test_centering_judges_every_prompt_and_needs_a_subject(scenes):
+    reward = Centering()
+    images = torch.cat([_batch(scenes[:4] + scenes[-2:]), torch.full((2, 3, 64, 64), 0.5)])
+    scores = reward(images, [s.prompt() for s in scenes[:4] + scenes[-2:]] + ["", "anything"])
+    assert not scores.isnan().any()
+    assert (scores[:6] > 0.1).all() and (scores[6:] < 1e-3).all()   # a flat image has no subject
+
+
+def test_centering_is_batch_and_resolution_independent(scenes):
+    picked = scenes[:6] + scenes[-4:]
+    prompts = [s.prompt() for s in picked]
+    reward = Centering()
+    small = reward(_batch(picked), prompts)
+    alone = torch.cat([reward(_batch([s]), [p]) for s, p in zip(picked, prompts)])
+    assert torch.allclose(small, alone, atol=1e-5)
+    # the same pixels at twice the resolution score the same
+    upsampled = torch.nn.functional.interpolate(_batch(picked), scale_factor=2, mode="nearest")
+    assert torch.allclose(small, reward(upsampled, prompts), atol=1e-4)
+    # shapes drawn at 128 px land within a fraction of a pixel (PIL's glyph layout differs more)
+    large = reward(_batch(picked[:6], size=128), prompts[:6])
+    assert torch.allclose(small[:6], large, atol=0.05), (small, large)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), noise=st.floats(0.0, 0.3))
+def test_centering_is_in_unit_interval_for_any_image(seed, noise):
+    generator = torch.Generator().manual_seed(seed)
+    scene = world.random_scene(random.Random(seed))
+    image = (_image(scene) + noise * torch.randn(3, 64, 64, generator=generator)).clamp(0, 1)
+    score = Centering()(image.unsqueeze(0), [scene.prompt()])
+    assert 0.0 <= score.item() <= 1.0
+
+
+def test_centering_rejects_bad_options():
+    from marble_kit.errors import MarbleError
+    with pytest.raises(MarbleError, match="centering.sigma"):
+        build("reward", "centering", {"sigma": 0})

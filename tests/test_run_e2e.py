@@ -29,7 +29,7 @@ from marble_kit.prompts import load_prompt_sets
 from marble_kit.registry import build
 from marble_kit.run import sample_images, sample_prompts
 
-REWARDS = ["color", "shape", "sharpness"]  # the embedded default
+REWARDS = ["color", "shape", "centering"]  # the embedded default
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
 # Wall-clock times are not part of the trajectory; everything else (OSQP's iteration counts

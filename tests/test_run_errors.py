@@ -215,7 +215,7 @@ def _edit_run_config(run: Path, **changes) -> None:
 @pytest.mark.parametrize("changes, match", [
     ({"policy": "sd3.5"}, "trained with policy 'tiny-sd3', not 'sd3.5'"),
     ({"policy_options": {"rank": 4}}, "trained with policy options {}"),
-    ({"rewards": ["color", "sharpness"]}, "trained with rewards color,shape,sharpness"),
+    ({"rewards": ["color", "sharpness"]}, "trained with rewards color,shape,centering"),
 ])
 def test_resume_with_a_checkpoint_from_another_policy_or_reward_set(run_copy, tmp_path, changes, match):
     _edit_run_config(run_copy, **changes)

@@ -32,7 +32,7 @@ from marble_kit.tracking import (
     scalars,
 )
 
-REWARDS = ["color", "shape", "sharpness"]  # the embedded default
+REWARDS = ["color", "shape", "centering"]  # the embedded default
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
         "--set", "sample_steps=4", "--set", "threads=1", "--no-progress"]
 

@@ -2,7 +2,7 @@
 
 Six methods train from the same seeds, the same LoRA initialisation and the same prompt and
 noise draws, on the default specialist-prompt rewards (SPEC §1.2: each world reward judges its
-own prompt set, `sharpness` judges all):
+own prompt set, `centering` judges all):
 
 * ``weighted-sum``   uniform weights over the per-reward advantages (one backward);
 * ``summed-reward``  DiffusionNFT's baseline: one advantage of the summed reward;
