@@ -77,7 +77,7 @@ def test_the_optimizer_bench_on_real_training_steps():
         assert all(row[f"worst_margin_steps_{b}"] <= 1e-12 for b in ("0-1", "2-10"))
     # min-norm d is no longer than any g_k, so plain MGDA's margin is ≥ −2
     assert all(rows["euclidean"][f"worst_margin_steps_{b}"] >= -2.0 for b in ("0-1", "2-10"))
-    single = policy_optimizer_benchmark(steps=2, seeds=(0,), rewards=("sharpness",), kl=0.0)
+    single = policy_optimizer_benchmark(steps=2, seeds=(0,), rewards=("centering",), kl=0.0)
     for row in single["rows"]:
         assert row["steps"] == 2 and abs(row["worst_margin_steps_0-1"]) < 1e-9, row
 
