@@ -111,15 +111,22 @@ def _pixel_grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, tor
     return ys.view(1, h, 1), xs.view(1, 1, w)
 
 
+def mask_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area and centroid (y, x; PIL pixel coordinates) of each soft mask ``[B, H, W]``: ``[B]`` each."""
+    ys, xs = _pixel_grid(*mask.shape[-2:], mask.device)
+    area = mask.sum(dim=(1, 2))
+    cy = (mask * ys).sum(dim=(1, 2)) / area.clamp_min(1e-6)
+    cx = (mask * xs).sum(dim=(1, 2)) / area.clamp_min(1e-6)
+    return area, cy, cx
+
+
 def shape_templates(mask: torch.Tensor, edge: float = 0.5) -> torch.Tensor:
     """Soft templates ``[B, S, H, W]`` of every world shape (order ``world.SHAPES``) with the
     centroid and area of ``mask`` ``[B, H, W]``, drawn as ``world.render`` draws them."""
     h, w = mask.shape[-2:]
     ys, xs = _pixel_grid(h, w, mask.device)
-    area = mask.sum(dim=(1, 2)).clamp_min(1e-6)
-    cy = ((mask * ys).sum(dim=(1, 2)) / area).view(-1, 1, 1)
-    cx = ((mask * xs).sum(dim=(1, 2)) / area).view(-1, 1, 1)
-    area = area.view(-1, 1, 1)
+    area, cy, cx = mask_moments(mask)
+    cy, cx, area = cy.view(-1, 1, 1), cx.view(-1, 1, 1), area.clamp_min(1e-6).view(-1, 1, 1)
     dx, dy = xs - cx, ys - cy
     signed_distances = {}
     # circle of radius r: area π r²
@@ -345,10 +352,7 @@ class Centering(Reward):
         floor = torch.sigmoid(torch.tensor(-self.threshold / 4.0))
         mask = ((mask - floor) / (1 - floor)).clamp_min(0)
         h, w = mask.shape[-2:]
-        ys, xs = _pixel_grid(h, w, mask.device)
-        area = mask.sum(dim=(1, 2))
-        cy = (mask * ys).sum(dim=(1, 2)) / area.clamp_min(1e-6)
-        cx = (mask * xs).sum(dim=(1, 2)) / area.clamp_min(1e-6)
+        area, cy, cx = mask_moments(mask)
         # distances in pixels of the world's 64 px canvas, whatever the resolution
         squared = ((cx - w / 2) * world.IMAGE_SIZE / w) ** 2 + ((cy - h / 2) * world.IMAGE_SIZE / h) ** 2
         presence = area / (area + self.min_area * h * w)
