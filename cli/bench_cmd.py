@@ -292,13 +292,10 @@ def conflict(
         run_conflict_benchmark,
     )
 
+    overrides = {"rewards": names_option(rewards, "--rewards"), "prompts": list(prompts or []) or None}
     settings = ConflictSettings(steps=steps, seeds=seeds, eval_images_per_prompt=eval_images_per_prompt,
                                 methods=names_option(methods, "--methods") or list(DEFAULT_METHODS),
-                                reward_scope=reward_scope)
-    if rewards is not None:
-        settings.rewards = names_option(rewards, "--rewards")
-    if prompts:
-        settings.prompts = list(prompts)
+                                reward_scope=reward_scope, **{k: v for k, v in overrides.items() if v is not None})
     err_console.print(f"marble bench conflict: {len(settings.methods)} methods × {seeds} seeds × {steps} steps",
                       highlight=False)
     report = run_conflict_benchmark(

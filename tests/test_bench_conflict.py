@@ -132,5 +132,5 @@ def test_cli_conflict_smoke_writes_json_and_plot(tmp_path):
     report = json.loads((tmp_path / "conflict.json").read_text())
     assert report["settings"]["prompts"] == ["world_sharpness"]
     assert {t["method"] for t in summary["targets"]} == {"weighted-sum", "marble"}
-    assert len(json.loads((tmp_path / "conflict.json").read_text())["runs"]) == 2
+    assert len(report["runs"]) == 2
     assert (tmp_path / "conflict.png").stat().st_size > 0

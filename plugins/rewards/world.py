@@ -33,11 +33,14 @@ from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_kit.rewards import Reward
 from marble_plugins import world
+from marble_plugins.rewards.offline import area_resize
 
 # Colours are compared in CIELAB, where Euclidean distance roughly follows perceived difference.
 # The closest two world colours (blue, purple) are 31 ΔE apart; sigma 12 keeps them apart while
 # still giving blended pixels split credit.
 COLOR_SIGMA = 12.0
+# Width (ΔE) of the foreground mask's sigmoid edge (`foreground_mask`).
+MASK_SOFTNESS = 4.0
 _SRGB_TO_XYZ = torch.tensor([
     [0.4124564, 0.3575761, 0.1804375],
     [0.2126729, 0.7151522, 0.0721750],
@@ -88,7 +91,7 @@ def border_pixels(images: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def foreground_mask(lab: torch.Tensor, border_width: int = 2, threshold: float = 25.0,
-                    softness: float = 4.0) -> torch.Tensor:
+                    softness: float = MASK_SOFTNESS) -> torch.Tensor:
     """Soft mask ``[B, H, W]`` of the pixels that differ from the background colour.
 
     The background colour is the median of the image border, so the mask works for any
@@ -343,13 +346,11 @@ class Centering(Reward):
         self.sigma, self.min_area, self.threshold, self.size = sigma, min_area, threshold, size
 
     def score(self, images, prompts):
-        images = images.float().clamp(0, 1)
-        if self.size is not None and images.shape[-2:] != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="area")
-        mask = foreground_mask(srgb_to_lab(images), threshold=self.threshold)
+        images = area_resize(images.float().clamp(0, 1), self.size)
+        mask = foreground_mask(srgb_to_lab(images), threshold=self.threshold, softness=MASK_SOFTNESS)
         # the soft mask's floor (a pixel equal to the background still gets sigmoid(−threshold /
         # softness) ≈ 0.2 %) would add up to a centred phantom subject on a flat image
-        floor = torch.sigmoid(torch.tensor(-self.threshold / 4.0))
+        floor = torch.sigmoid(torch.tensor(-self.threshold / MASK_SOFTNESS))
         mask = ((mask - floor) / (1 - floor)).clamp_min(0)
         h, w = mask.shape[-2:]
         area, cy, cx = mask_moments(mask)
