@@ -105,9 +105,10 @@ def train(
                       highlight=False)
         if result.checkpoint is not None:
             console.print(f"  checkpoint {result.checkpoint}  (resume: marble train --resume {result.run_dir})",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         if "tensorboard" in config.report_to:
-            console.print(f"  tensorboard --logdir {result.run_dir / TENSORBOARD_DIR}", highlight=False)
+            console.print(f"  tensorboard --logdir {result.run_dir / TENSORBOARD_DIR}", highlight=False,
+                          soft_wrap=True)
         for name in config.rewards:
             value = last.get(f"reward/{name}")
             if isinstance(value, float):
