@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "marble_cli.compare_cmd",
     "marble_cli.plugins_cmd",
     "marble_cli.score_cmd",
+    "marble_cli.serve_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -11,6 +11,7 @@ from marble_cli.common import console, names_option, user_errors
 from marble_kit.config import TrainConfig, read_toml, resolve_config
 from marble_kit.errors import MarbleError
 from marble_kit.options import merge_options, parse_plugin_options, parse_value
+from marble_kit.reward_protocol import TRANSPORT_OPTIONS
 from marble_kit.tracking import TENSORBOARD_DIR
 
 
@@ -78,6 +79,10 @@ def train(
                  "report_to": report_to}
     if resume is not None:
         base = read_run_config(resume)
+        moved = parse_plugin_options(reward_opt, "--reward-opt")  # a remote reward's server may move
+        if all(name.startswith("remote:") and set(opts) <= set(TRANSPORT_OPTIONS) for name, opts in moved.items()):
+            base = base.replace(reward_options=merge_options(base.reward_options, moved))
+            reward_opt = None
         changed = [k for k, v in overrides.items() if v is not None and k not in ("steps", "out", "report_to")]
         changed += [flag for flag, given in (("--reward-opt", reward_opt), ("--balancer-opt", balancer_opt),
                                              ("--policy-opt", policy_opt), ("--config", config_file),
@@ -86,7 +91,8 @@ def train(
             changed.append("--out")
         if changed:
             raise MarbleError(f"--resume {resume} continues that run with its own config; only --steps and "
-                              f"--report-to may be given (got {', '.join(changed)})")
+                              f"--report-to may be given (got {', '.join(changed)}), and for a remote reward "
+                              f"whose server moved --reward-opt remote:NAME.url=URL (or {', '.join(TRANSPORT_OPTIONS[1:])})")
         config = base.replace(out=str(resume), steps=steps or base.steps,
                               report_to=base.report_to if report_to is None else report_to)
     else:

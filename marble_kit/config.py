@@ -91,6 +91,11 @@ class TrainConfig:
     reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device), "
                             "'offload' (kept on the CPU, moved to the policy's device only while "
                             "scoring: saves GPU memory between rollouts) or a torch device such as 'cpu'.")
+    reward_threads: int = _f(0, "Threads that score the K rewards at once (0 = one per reward, 1 = one after "
+                             "the other); the scores are bitwise the same either way.")
+    reward_staleness: int = _f(0, "1 = compute step s's rewards while step s+1's rollout is drawn: the update "
+                               "then trains on samples of the old policy one step older (one step of "
+                               "staleness; docs/reward-services.md). 0 = off (default).")
     report_to: list = _f([], "Experiment trackers that also get every metrics line and sample grid: "
                          "tensorboard (event files in RUN/tensorboard), wandb (RUN/wandb; "
                          "WANDB_MODE=offline needs no network); [] or 'none' = off.")
@@ -120,6 +125,10 @@ class TrainConfig:
                 raise bad(name, f"must be ≥ 1, got {getattr(self, name)}")
         if self.gram not in GRAM_MODES:
             raise bad("gram", f"must be one of {', '.join(GRAM_MODES)}, got {self.gram!r}")
+        if self.reward_threads < 0:
+            raise bad("reward_threads", f"must be ≥ 0 (0 = one thread per reward), got {self.reward_threads}")
+        if self.reward_staleness not in (0, 1):
+            raise bad("reward_staleness", f"must be 0 (off) or 1 (one step), got {self.reward_staleness}")
         if self.optimizer_sharding not in ("none", "zero"):
             raise bad("optimizer_sharding", f"must be none or zero, got {self.optimizer_sharding!r}")
         if self.gram_solver not in ("affine", "exact"):

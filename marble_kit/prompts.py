@@ -9,7 +9,9 @@ Sources (``load_prompt_sets``):
 
 * ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped.
 * ``.jsonl``: one JSON object per line, ``{"prompt": "...", "rewards": ["ocr"]}`` (``rewards``
-  optional; other keys are ignored). Lines with different tags become separate sets.
+  optional). Lines with different tags become separate sets. Any other keys are the prompt's
+  *metadata* (e.g. GenEval's ``tag`` / ``include`` / ``exclude``): the prompt is then a
+  :class:`Prompt`, a ``str`` that carries them to the rewards (``prompt.metadata``).
 * ``.toml`` manifest: ``[[prompt_set]]`` tables with ``path`` (relative to the manifest),
   optional ``rewards``, ``weight`` (share of the draws, default 1) and ``name``.
 * built-in sets shipped in ``marble_kit/data/prompts`` (``builtin:NAME`` or plain ``NAME`` when
@@ -37,6 +39,27 @@ MANIFEST_SUFFIX = ".toml"
 BUILTIN_PREFIX = "builtin:"
 _TAGS = re.compile(r"[A-Za-z0-9_-]+(\+[A-Za-z0-9_-]+)*")
 _MANIFEST_KEYS = {"path", "rewards", "weight", "name"}
+
+
+class Prompt(str):
+    """A prompt with metadata: a ``str`` (so every consumer of prompts works unchanged) whose
+    ``metadata`` dict holds the other keys of its .jsonl line. Rewards read it through
+    :func:`prompt_metadata`; equal text means an equal (and equally hashed) prompt."""
+
+    metadata: dict[str, Any]
+
+    def __new__(cls, text: str, metadata: dict[str, Any] | None = None) -> Prompt:
+        prompt = super().__new__(cls, text)
+        prompt.metadata = dict(metadata or {})
+        return prompt
+
+    def __reduce__(self):  # pickles (and deep-copies) with its metadata
+        return (Prompt, (str(self), self.metadata))
+
+
+def prompt_metadata(prompt: str) -> dict[str, Any]:
+    """The metadata of a prompt (empty for a plain string)."""
+    return getattr(prompt, "metadata", None) or {}
 
 
 @dataclass
@@ -112,7 +135,8 @@ def _text_prompts(path: Path) -> list[str]:
 
 
 def _jsonl_prompts(path: Path) -> list[tuple[str, tuple[str, ...] | None]]:
-    """(prompt, tags) per non-blank line of a .jsonl file."""
+    """(prompt, tags) per non-blank line of a .jsonl file; a line with other keys gives a
+    :class:`Prompt` carrying them as its metadata."""
     entries = []
     for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
@@ -131,7 +155,9 @@ def _jsonl_prompts(path: Path) -> list[tuple[str, tuple[str, ...] | None]]:
         tags = record.get("rewards")
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
             raise MarbleError(f'{where}: "rewards" must be a list of reward names; {fix}')
-        entries.append((prompt.strip(), tuple(tags) if tags is not None else None))
+        metadata = {key: value for key, value in record.items() if key not in ("prompt", "rewards")}
+        text = Prompt(prompt.strip(), metadata) if metadata else prompt.strip()
+        entries.append((text, tuple(tags) if tags is not None else None))
     return entries
 
 

@@ -9,6 +9,7 @@ keeps tests isolated from whatever else is installed.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.metadata
 import inspect
 import os
@@ -22,6 +23,9 @@ from marble_kit import hookspecs
 from marble_kit.errors import MarbleError
 
 PROJECT = "marble"
+# A registered name ending in FAMILY_SUFFIX (``remote:*``) stands for every ``remote:NAME``: the
+# factory gets NAME as its first argument (e.g. the reward a server serves).
+FAMILY_SUFFIX = ":*"
 KINDS = ("reward", "balancer", "policy")
 BUILTIN_DISTRIBUTION = "marble-kit"
 
@@ -62,6 +66,9 @@ class Registry:
 
     def get(self, kind: str, name: str) -> PluginInfo:
         table = self.entries[kind]
+        family = self._family(kind, name)
+        if family is not None:
+            return family
         if name not in table:
             installed = ", ".join(sorted(table)) or "none"
             close = difflib.get_close_matches(name, list(table), n=1)
@@ -71,6 +78,18 @@ class Registry:
                 "(run `marble plugins` to list them)"
             )
         return table[name]
+
+    def _family(self, kind: str, name: str) -> PluginInfo | None:
+        """``prefix:NAME`` resolved through a registered ``prefix:*`` (an exact name wins)."""
+        prefix, sep, member = name.partition(":")
+        family = self.entries[kind].get(prefix + FAMILY_SUFFIX) if sep and name not in self.entries[kind] else None
+        if family is None:
+            return None
+        if not member.strip():
+            raise MarbleError(f"{kind} {name!r} names no member of {family.name!r}; write {prefix}:NAME "
+                              f"(e.g. {prefix}:ocr)")
+        return PluginInfo(kind, name, functools.partial(family.factory, member), family.description,
+                          family.provider, family.module)
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in KINDS for info in self.entries[kind].values()]

@@ -3,7 +3,9 @@
 A reward maps ``(images, prompts)`` to one score per image (higher is better):
 
 * ``images``: float tensor ``[B, 3, H, W]`` in ``[0, 1]`` (any device);
-* ``prompts``: list of ``B`` strings;
+* ``prompts``: list of ``B`` strings; a prompt from a .jsonl line with extra keys is a
+  :class:`marble_kit.prompts.Prompt` (still a ``str``) whose metadata :func:`prompt_metadata`
+  returns (e.g. GenEval's ``tag`` / ``include``); plain strings have none;
 * result: float32 tensor ``[B]`` on the CPU; ``NaN`` marks a sample the reward does not apply
   to (e.g. OCR for a prompt without quoted text).
 
@@ -21,6 +23,9 @@ from typing import Any
 import torch
 
 from marble_kit.errors import MarbleError
+from marble_kit.prompts import prompt_metadata
+
+__all__ = ["CallableReward", "Reward", "as_reward", "prompt_metadata", "quoted_text"]
 
 
 class Reward(abc.ABC):

@@ -37,8 +37,9 @@ from marble_kit.distributed import Distributed, tensors_digest
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
 from marble_kit.prompts import _split_tags
+from marble_kit.reward_protocol import TRANSPORT_OPTIONS
 from marble_kit.tracking import Tracker, check_trackers, open_tracker
-from marble_kit.trainer import Trainer, build_components
+from marble_kit.trainer import RewardFailure, Trainer, build_components
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -48,7 +49,7 @@ SAMPLE_SEED_OFFSET = 424242  # sample grids use their own noise, never the train
 SAMPLE_COUNT = 8
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUMABLE_KEYS = {"steps", "out", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                  "threads", "optimizer_sharding", "report_to"}
+                  "threads", "optimizer_sharding", "report_to", "reward_threads"}
 
 
 @dataclass
@@ -68,9 +69,17 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def run_fingerprint(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run (everything but bookkeeping keys)."""
+    """What makes two runs the same run (everything but bookkeeping keys, and how a remote
+    reward is reached: its server may move between a run and its resume)."""
     data = config.to_dict() if isinstance(config, TrainConfig) else config
-    return {k: v for k, v in data.items() if k not in RESUMABLE_KEYS}
+    fingerprint = {k: v for k, v in data.items() if k not in RESUMABLE_KEYS}
+    options = fingerprint.get("reward_options")
+    if isinstance(options, dict):
+        fingerprint["reward_options"] = {
+            name: {k: v for k, v in opts.items() if k not in TRANSPORT_OPTIONS}
+            if str(name).startswith("remote:") and isinstance(opts, dict) else opts
+            for name, opts in options.items()}
+    return fingerprint
 
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -462,7 +471,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                 tracker.log_image("samples", save_samples(trainer, run_dir, 0), 0)
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
-                metrics = trainer.step()
+                try:
+                    metrics = trainer.step()
+                except RewardFailure as exc:
+                    # The trainer is still at its last complete step: keep it (one process; on
+                    # several the other ranks are not at a collective to join the save).
+                    if dist.active or trainer.step_count == start_step:
+                        raise
+                    checkpoint()
+                    raise MarbleError(f"{exc}; the run stopped after step {trainer.step_count} (checkpoint "
+                                      f"saved): once the reward works again, continue it with "
+                                      f"`marble train --resume {run_dir}`") from exc
                 metrics.update(reward_metrics(trainer))
                 history.append(metrics)
                 step = trainer.step_count

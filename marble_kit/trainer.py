@@ -12,6 +12,7 @@ One step, top to bottom:
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import math
 import time
@@ -151,6 +152,20 @@ class TrainBatch:
                           coef, candidates)
 
 
+class RewardFailure(MarbleError):
+    """A reward failed while scoring a step; the trainer is still at its last complete step."""
+
+
+@dataclass
+class DrawnRollout:
+    """A rollout with the prompts, prompt-set ids and prompt-group ids it was drawn for."""
+
+    rollout: Any
+    prompts: list[str]
+    set_ids: torch.Tensor
+    group_ids: torch.Tensor
+
+
 @dataclass
 class Trainer:
     """Holds the optimizer, balancer, RNG and step counter; ``step()`` runs SPEC §1 once."""
@@ -185,6 +200,10 @@ class Trainer:
         self._streaks: dict[str, list[int]] = {"unjudged": [0] * len(self.reward_names),
                                                "indifferent": [0] * len(self.reward_names)}
         self._warned: set[tuple[str, str]] = set()
+        # reward_staleness = 1: the rollout the next step trains on, and the recipe to draw it again
+        self._pending: DrawnRollout | None = None
+        self._pending_recipe: dict[str, Any] | None = None
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor | None] = {}
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
         if getattr(self.balancer, "gram_metric", "euclidean") == "adam-momentum" and (
@@ -247,20 +266,128 @@ class Trainer:
         return min(self.config.old_decay_rate * step, self.config.old_decay_max)
 
     def _score(self, images: torch.Tensor, prompts: list[str], set_ids: torch.Tensor) -> torch.Tensor:
-        """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it."""
-        scores = []
-        for name, reward in zip(self.reward_names, self.rewards):
-            # `offload`: the reward model visits the policy's device only while it scores.
-            with offloaded([reward], self.policy.device, enabled=self.config.reward_device == "offload"):
-                try:
-                    scores.append(reward(images, prompts).float())
-                except MarbleError:
-                    raise
-                except Exception as exc:
-                    raise MarbleError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+        """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it.
+
+        The K rewards score at once in ``reward_threads`` threads (each reward gets the same
+        inputs as one after the other would, so the scores are bitwise the same); a failure is
+        a :class:`RewardFailure` naming the first failing reward, in reward order."""
+        jobs = list(zip(self.reward_names, self.rewards))
+        pool = self._scoring_pool()
+        if pool is None:
+            scores = [self._score_one(name, reward, images, prompts) for name, reward in jobs]
+        else:
+            futures = [pool.submit(self._score_one, name, reward, images, prompts) for name, reward in jobs]
+            concurrent.futures.wait(futures)  # every reward finishes before the first error is raised
+            scores = [future.result() for future in futures]
         rewards = torch.stack(scores)
         mask = applicability_mask(set_ids, self.reward_names, self.components.prompt_sets)
         return torch.where(mask, rewards, torch.full_like(rewards, float("nan")))
+
+    def _score_one(self, name: str, reward: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        # `offload`: the reward model visits the policy's device only while it scores.
+        with offloaded([reward], self.policy.device, enabled=self.config.reward_device == "offload"):
+            try:
+                return reward(images, prompts).float()
+            except MarbleError as exc:
+                raise RewardFailure(str(exc)) from exc
+            except Exception as exc:
+                raise RewardFailure(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+    def _scoring_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Threads for the K rewards (None: score them one after the other in this thread).
+        With ``reward_device = "offload"`` one reward model at a time visits the device."""
+        workers = min(self.config.reward_threads or len(self.rewards), len(self.rewards))
+        if workers <= 1 or self.config.reward_device == "offload":
+            return None
+        if self._pools.get("rewards") is None:
+            self._pools["rewards"] = concurrent.futures.ThreadPoolExecutor(workers, "marble-reward")
+        return self._pools["rewards"]
+
+    # ------------------------------------------------------------- rollouts (reward_staleness)
+    def _rollout(self) -> DrawnRollout:
+        """Prompts and noise for the global batch (this rank keeps its slice), sampled with the
+        old policy (SPEC §1.1)."""
+        cfg = self.config
+        world, rank = self.dist.world_size, self.dist.rank
+        per_rank = cfg.prompts_per_step // world
+        drawn = self.sampler.sample(cfg.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
+        prompts = [p for p, _ in drawn for _ in range(cfg.images_per_prompt)]
+        set_ids = torch.tensor([s for _, s in drawn for _ in range(cfg.images_per_prompt)])
+        group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.images_per_prompt)
+        noise = torch.randn(self.policy.latent_shape(len(prompts) * world), generator=self.generator)
+        noise = noise[rank * len(prompts):(rank + 1) * len(prompts)]
+        with torch.no_grad():
+            rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps,
+                                         noise=noise)
+        return DrawnRollout(rollout, prompts, set_ids, group_ids)
+
+    def _rollout_recipe(self) -> dict[str, Any]:
+        """What regenerates the next rollout bit for bit (a checkpoint holds this, not the
+        images): the policy's weights, the generator and the sampler as it is drawn."""
+        return {"policy": {k: v.detach().clone() for k, v in self.policy.state_dict().items()},
+                "generator": self.generator.get_state(), "sampler": self.sampler.state_dict()}
+
+    def _regenerate_pending(self, recipe: dict[str, Any]) -> None:
+        """The rollout a checkpoint's recipe describes, drawn again; everything else is left as
+        the checkpoint has it (the recipe's draws came before the update's in the run)."""
+        live = (self.policy.state_dict(), self.generator.get_state(), self.sampler.state_dict(),
+                torch.get_rng_state())
+        try:
+            self.policy.load_state_dict(recipe["policy"])
+            self.generator.set_state(recipe["generator"])
+            self.sampler.load_state_dict(recipe["sampler"])
+            pending = self._rollout()
+            drawn_to = self.sampler.state_dict()
+        finally:
+            self.policy.load_state_dict(live[0])
+            self.generator.set_state(live[1])
+            self.sampler.load_state_dict(live[2])
+            torch.set_rng_state(live[3])
+        if drawn_to != live[2]:
+            raise MarbleError("the checkpoint's pending rollout (reward_staleness = 1) does not lead to its "
+                              "prompt-sampler state; resume from an earlier checkpoint")
+        self._pending, self._pending_recipe = pending, recipe
+
+    def _rollout_and_rewards(self, timings: dict[str, float]) -> tuple[DrawnRollout, torch.Tensor]:
+        """This step's rollout and its rewards R [K, B] (SPEC §1.1-1.2).
+
+        ``reward_staleness = 1``: this step trains on the rollout drawn during the last step
+        (from the old policy before the last update) and, while its rewards are computed in the
+        background, draws the next one from the current old policy. A reward failure puts the
+        generator, sampler and pending rollout back where the step found them, so the trainer
+        is exactly at its last complete step (and can be checkpointed there)."""
+        saved = (self.generator.get_state(), self.sampler.state_dict(), self._pending, self._pending_recipe)
+        clock = self._clock()
+        drawn = self._pending if self._pending is not None else self._rollout()
+        self._pending = self._pending_recipe = None
+        timings["time/rollout"] = self._clock() - clock
+        try:
+            if not self.config.reward_staleness:
+                clock = self._clock()
+                rewards = self._score(drawn.rollout.images, drawn.prompts, drawn.set_ids)
+                timings["time/rewards"] = self._clock() - clock
+                return drawn, rewards
+            if self._pools.get("background") is None:
+                self._pools["background"] = concurrent.futures.ThreadPoolExecutor(1, "marble-scoring")
+            future = self._pools["background"].submit(self._score, drawn.rollout.images, drawn.prompts,
+                                                      drawn.set_ids)
+            clock = self._clock()
+            try:
+                recipe = self._rollout_recipe()
+                upcoming = self._rollout()  # overlaps the rewards
+            finally:
+                concurrent.futures.wait([future])
+                timings["time/rollout"] += self._clock() - clock
+            clock = self._clock()
+            rewards = future.result()
+            timings["time/rewards"] = self._clock() - clock  # what the rollout did not hide
+            self._pending, self._pending_recipe = upcoming, recipe
+            return drawn, rewards
+        except RewardFailure:
+            self.generator.set_state(saved[0])
+            self.sampler.load_state_dict(saved[1])
+            self._pending, self._pending_recipe = saved[2], saved[3]
+            raise
 
     def _judgement(self, adv) -> RowJudgement:
         """Global image-level masks behind every reward's loss (SPEC §1.4, ``reward_scope``)."""
@@ -451,28 +578,14 @@ class Trainer:
     def step(self) -> dict[str, Any]:
         cfg, step = self.config, self.step_count
         timings: dict[str, float] = {}
-        clock = self._clock()
 
         # 1. Rollout: G images per prompt from the old policy (SPEC §1.1). Prompts and noise are
         #    drawn for the global batch on every rank, each rank keeps its slice: the same config
         #    gives the same math on any number of processes.
-        world, rank = self.dist.world_size, self.dist.rank
-        per_rank = cfg.prompts_per_step // world
-        drawn = self.sampler.sample(cfg.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
-        prompts = [p for p, _ in drawn for _ in range(cfg.images_per_prompt)]
-        set_ids = torch.tensor([s for _, s in drawn for _ in range(cfg.images_per_prompt)])
-        group_ids = torch.arange(len(drawn)).repeat_interleave(cfg.images_per_prompt)
-        noise = torch.randn(self.policy.latent_shape(len(prompts) * world), generator=self.generator)
-        noise = noise[rank * len(prompts):(rank + 1) * len(prompts)]
-        with torch.no_grad():
-            rollout = self.policy.sample(prompts, generator=self.generator, steps=cfg.sample_steps,
-                                         noise=noise)
-        timings["time/rollout"] = self._clock() - clock
-
-        # 2. Rewards R [K, B], NaN where a reward does not judge a sample (SPEC §1.2).
-        clock = self._clock()
-        rewards = self._score(rollout.images, prompts, set_ids)
-        timings["time/rewards"] = self._clock() - clock
+        # 2. Rewards R [K, B], NaN where a reward does not judge a sample (SPEC §1.2); with
+        #    reward_staleness = 1 computed while the next step's rollout is drawn.
+        drawn, rewards = self._rollout_and_rewards(timings)
+        rollout, group_ids = drawn.rollout, drawn.group_ids
         clock = self._clock()
 
         # 3. Per-reward advantages → reward probabilities r [K, B] (SPEC §1.3).
@@ -607,6 +720,7 @@ class Trainer:
             "inactive_steps": self.inactive_steps.clone(),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
+            **({"pending_rollout": self._pending_recipe} if self._pending_recipe is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -621,6 +735,9 @@ class Trainer:
             self.inactive_steps = torch.as_tensor(state["inactive_steps"], dtype=torch.float64).clone()
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
+        self._pending = self._pending_recipe = None
+        if "pending_rollout" in state:  # reward_staleness = 1: the rollout the next step trains on
+            self._regenerate_pending(state["pending_rollout"])
 
 
 def _worst(cosines: torch.Tensor, active: torch.Tensor | None) -> float:

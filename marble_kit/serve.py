@@ -1,0 +1,193 @@
+"""``marble serve-reward``: any installed reward plugin behind the HTTP protocol of
+:mod:`marble_kit.remote` (FastAPI on uvicorn; the ``serve`` extra).
+
+One reward per server. Requests are scored one at a time (a lock: reward models are not
+assumed thread-safe), each as one call of the reward, which batches by its own ``batch_size``
+exactly as in the training process. A reward that raises answers 500 with a one-line error
+naming it; the server keeps serving. Bodies over ``max_request_bytes`` are refused (413) while
+they are read, before they are parsed.
+"""
+
+# (no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time)
+
+import hmac
+import ipaddress
+import json
+import socket
+import threading
+from collections.abc import Callable
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import torch
+
+from marble_kit import registry
+from marble_kit.errors import MarbleError
+from marble_kit.remote import ProtocolError, encode_scores, parse_score_request
+from marble_kit.reward_protocol import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_REQUEST_MB,
+    DEFAULT_PORT,
+    ENCODINGS,
+    HEALTH_ROUTE,
+    INFO_ROUTE,
+    PROTOCOL_VERSION,
+    SCORE_ROUTE,
+)
+from marble_kit.rewards import Reward
+
+
+def _import_server() -> tuple[Any, Any]:
+    try:
+        import fastapi
+        import uvicorn
+    except ImportError as exc:
+        raise MarbleError(f"marble serve-reward needs FastAPI and uvicorn ({exc}); "
+                          "`pip install 'marble-kit[serve]'` in the reward's environment") from None
+    return fastapi, uvicorn
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib_metadata.version(distribution)
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def reward_info(name: str, reward: Reward, info: registry.PluginInfo, max_batch: int,
+                max_request_bytes: int) -> dict[str, Any]:
+    """What ``GET /v1/info`` answers: the reward, who provides it, and the server's limits."""
+    return {"protocol": PROTOCOL_VERSION, "reward": name, "provider": info.provider,
+            "version": _version(info.provider), "module": info.module, "description": info.description,
+            "marble_kit": _version(registry.BUILTIN_DISTRIBUTION), "batch_size": int(reward.batch_size),
+            "device": str(reward.device), "max_batch": max_batch, "max_request_bytes": max_request_bytes,
+            "encodings": list(ENCODINGS)}
+
+
+def _authorized(header: str | None, token: str | None) -> bool:
+    if token is None:
+        return True
+    scheme, _, value = (header or "").partition(" ")
+    # constant-time: the comparison takes as long for a near miss as for a wild guess
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def create_app(name: str, reward: Reward, info: dict[str, Any], token: str | None = None,
+               max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20),
+               max_batch: int = DEFAULT_MAX_BATCH) -> Any:
+    """The FastAPI application serving ``reward`` (named ``name``) over protocol v1."""
+    fastapi, _ = _import_server()
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = fastapi.FastAPI(title=f"marble reward {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    lock = threading.Lock()
+
+    def error(status: int, message: str) -> Any:
+        return JSONResponse({"protocol": PROTOCOL_VERSION, "error": message}, status_code=status)
+
+    def refused() -> Any:
+        return error(401, "missing or wrong token: send `Authorization: Bearer TOKEN` with the server's --token")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Any, exc: Any) -> Any:  # 404 / 405 in the protocol's shape
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @app.get(HEALTH_ROUTE)
+    def health() -> dict[str, Any]:
+        return {"protocol": PROTOCOL_VERSION, "status": "ok"}
+
+    @app.get(INFO_ROUTE)
+    def describe(request: fastapi.Request) -> Any:
+        return info if _authorized(request.headers.get("authorization"), token) else refused()
+
+    def score_locked(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        with lock:
+            scores = reward(images, prompts)
+            counters = getattr(reward, "metrics", None)
+            metrics = {str(k): float(v) for k, v in counters.items()} if isinstance(counters, dict) else {}
+        return scores, metrics
+
+    @app.post(SCORE_ROUTE)
+    async def score(request: fastapi.Request) -> Any:
+        if not _authorized(request.headers.get("authorization"), token):
+            return refused()
+        too_large = error(413, f"request body over {max_request_bytes} bytes (the server's --max-request-mb); "
+                               "send fewer images per request")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_request_bytes:
+            return too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                return too_large
+        try:
+            images, prompts = parse_score_request(json.loads(body), max_batch)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"the request body is not JSON ({exc})")
+        except ProtocolError as exc:
+            return error(400, f"malformed score request: {exc}")
+        try:
+            scores, metrics = await run_in_threadpool(score_locked, images, prompts)
+            values = encode_scores(scores)
+        except Exception as exc:  # the reward's failure, not the server's: answer and keep serving
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            return error(500, f"reward {name!r} raised {type(exc).__name__}: {text}")
+        return {"protocol": PROTOCOL_VERSION, "reward": name, "scores": values, "metrics": metrics}
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) resolves to loopback addresses only."""
+    try:
+        addresses = {item[4][0] for item in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one); a busy port is a one-line error."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=64)
+    except OSError as exc:
+        raise MarbleError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
+                          "(0 picks a free one) or --host") from None
+
+
+def server_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1",
+                 port: int = DEFAULT_PORT, token: str | None = None,
+                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_batch: int = DEFAULT_MAX_BATCH,
+                 device: str | None = None, log_level: str = "warning",
+                 on_ready: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """Build reward ``name`` (weights are checked now), listen, call ``on_ready(url, info)``,
+    then serve until SIGINT/SIGTERM."""
+    _, uvicorn = _import_server()
+    if max_request_mb <= 0 or max_batch < 1:
+        raise MarbleError(f"--max-request-mb must be > 0 and --max-batch >= 1 (got {max_request_mb}, {max_batch})")
+    if token is not None and not token.strip():
+        raise MarbleError("--token is empty; pass a secret (or leave it out to serve without a token)")
+    plugin = registry.get_registry().get("reward", name)
+    reward = registry.build("reward", name, options or {})
+    if device is not None:
+        reward.to(device)
+    limit = int(max_request_mb * 2**20)
+    info = reward_info(name, reward, plugin, max_batch, limit)
+    app = create_app(name, reward, info, token=token, max_request_bytes=limit, max_batch=max_batch)
+    sock = listen(host, port)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+    if on_ready is not None:
+        on_ready(server_url(sock), info)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
