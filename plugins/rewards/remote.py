@@ -6,6 +6,8 @@ protocol are in :mod:`marble_kit.remote`, the server in :mod:`marble_kit.serve`.
 
 from __future__ import annotations
 
+import math
+
 from marble_kit.hookspecs import hookimpl
 from marble_kit.remote import RemoteReward
 
@@ -27,6 +29,8 @@ def build_remote(reward: str, url: str, timeout: float = 60.0, retries: int = 2,
         token, token_env: the server's --token, or the environment variable holding it.
         batch_size: most images per request (0: as many as the server's limits allow).
     """
+    if isinstance(on_error, float) and math.isnan(on_error):
+        on_error = "nan"  # `--reward-opt remote:X.on_error=nan` reads as TOML's float nan
     return RemoteReward(reward, url, timeout=timeout, retries=retries, backoff=backoff, on_error=on_error,
                         encoding=encoding, token=token, token_env=token_env, batch_size=batch_size)
 
