@@ -173,7 +173,8 @@ def test_on_error_nan_scores_the_lost_batch_nan_and_counts_it(servers, tmp_path,
     run = tmp_path / "nan"
     kill_after_step(monkeypatch, third, 1)
     result = marble("train", "--out", run, "--steps", 2, *TINY, *REMOTE, "--set", "checkpoint_every=0",
-                    "--reward-opt", f"remote:centering.url={third.url}", "--reward-opt", "remote:centering.on_error=nan")
+                    "--reward-opt", f"remote:centering.url={third.url}",
+                    "--reward-opt", "remote:centering.on_error=nan")
     assert result.exit_code == 0, result.output
     assert f"warning: reward 'remote:centering': the server at {third.url} cannot be reached" in result.stderr
     first, second = metric_lines(run)
