@@ -167,8 +167,10 @@ def speed(
                                     "0 = no anchor and no anchor backward pass)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for speed.json and speed.png."),
+    scoring_rounds: int = typer.Option(5, "--scoring-rounds", help="Rounds of the scoring section (sequential / concurrent / async rewards, K = 2 OCR, one served); 0 skips it."),
 ):
-    """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact / sampled rows at K = 5."""
+    """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact / sampled rows at K = 5;
+    then the time concurrent and async scoring save."""
     from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.speed import (
         SpeedSettings,
@@ -200,6 +202,8 @@ def speed(
     json_path, plot_path = _write_outputs(report, out, "speed", plot_speed)
     if json_output:
         print_json(_summary(report))
+        if scoring_rounds > 0:  # its table is not printed; scoring.json holds it
+            _scoring_section(policy, settings.policy_options, scoring_rounds, out, quiet=True)
         return
     table = Table(title=f"Time per training step (median s) — {_machine_line(report)}", box=box.SIMPLE_HEAD,
                   show_edge=False, collapse_padding=True)
@@ -216,6 +220,32 @@ def speed(
                       f"{row['peak_memory_mb']:.0f}")
     console.print(table)
     _print_targets(report["targets"])
+    console.print(f"wrote {json_path} and {plot_path}", highlight=False)
+    if scoring_rounds > 0:
+        _scoring_section(policy, settings.policy_options, scoring_rounds, out)
+
+
+def _scoring_section(policy: str, policy_options: dict, rounds: int, out: Path, quiet: bool = False) -> None:
+    """`bench speed`'s scoring section (marble_kit/bench/scoring.py): its own table and files."""
+    from marble_kit.bench.scoring import ScoringSettings, plot_scoring, run_scoring_benchmark
+
+    settings = ScoringSettings(policy=policy, policy_options=dict(policy_options), rounds=rounds)
+    err_console.print(f"scoring section: {', '.join(settings.rewards)}, {settings.warmup} + {rounds} rounds × 3 variants",
+                      highlight=False)
+    report = run_scoring_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
+    json_path, plot_path = _write_outputs(report, out, "scoring", plot_scoring)
+    if quiet:
+        return
+    alone = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report["reward_seconds"].items())
+    table = Table(title=f"Scoring the rewards (median s per step; each reward alone: {alone})", box=box.SIMPLE_HEAD)
+    for column in ("variant", "step", "rollout", "rewards", "update", "saved / step", "× step", "expected ×"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        table.add_row(row["variant"], *(f"{row[f'median_{k}_s']:.3f}" for k in ("step", "rollout", "rewards", "update")),
+                      f"{row['saved_per_step_s']:.3f}", f"{row['speed_step']:.2f}×", f"{row['expected_speed_step']:.2f}×")
+    table.caption = ("rewards: the time the rollout did not hide; × step: sequential / variant within each round (one "
+                     "machine, shared with other work: ratios, not absolute times); expected: from the sequential phases")
+    console.print(table)
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
 
 
@@ -316,6 +346,32 @@ def conflict(
                       f"{row['mean_worst_cos_fused']:+.3f}", f"{row['mean_worst_cos_update']:+.3f}", *changes)
     console.print(table)
     _print_targets(report["targets"])
+    console.print(f"wrote {json_path} and {plot_path}", highlight=False)
+    if scoring_rounds > 0:
+        _scoring_section(policy, settings.policy_options, scoring_rounds, out)
+
+
+def _scoring_section(policy: str, policy_options: dict, rounds: int, out: Path, quiet: bool = False) -> None:
+    """`bench speed`'s scoring section (marble_kit/bench/scoring.py): its own table and files."""
+    from marble_kit.bench.scoring import ScoringSettings, plot_scoring, run_scoring_benchmark
+
+    settings = ScoringSettings(policy=policy, policy_options=dict(policy_options), rounds=rounds)
+    err_console.print(f"scoring section: {', '.join(settings.rewards)}, {settings.warmup} + {rounds} rounds × 3 variants",
+                      highlight=False)
+    report = run_scoring_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
+    json_path, plot_path = _write_outputs(report, out, "scoring", plot_scoring)
+    if quiet:
+        return
+    alone = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report["reward_seconds"].items())
+    table = Table(title=f"Scoring the rewards (median s per step; each reward alone: {alone})", box=box.SIMPLE_HEAD)
+    for column in ("variant", "step", "rollout", "rewards", "update", "saved / step", "× step", "expected ×"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        table.add_row(row["variant"], *(f"{row[f'median_{k}_s']:.3f}" for k in ("step", "rollout", "rewards", "update")),
+                      f"{row['saved_per_step_s']:.3f}", f"{row['speed_step']:.2f}×", f"{row['expected_speed_step']:.2f}×")
+    table.caption = ("rewards: the time the rollout did not hide; × step: sequential / variant within each round (one "
+                     "machine, shared with other work: ratios, not absolute times); expected: from the sequential phases")
+    console.print(table)
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
 
 

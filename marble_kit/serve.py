@@ -10,12 +10,14 @@ they are read, before they are parsed.
 
 # (no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time)
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -190,4 +192,32 @@ def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def serving_in_thread(name: str, reward: Reward, token: str | None = None, host: str = "127.0.0.1",
+                      max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+                      max_batch: int = DEFAULT_MAX_BATCH) -> Iterator[str]:
+    """Serve an already built ``reward`` from a thread of this process on a free port; yields
+    the URL (for tests and notebooks: the same application `marble serve-reward` runs)."""
+    _, uvicorn = _import_server()
+    plugin = registry.get_registry().get("reward", name)
+    limit = int(max_request_mb * 2**20)
+    app = create_app(name, reward, reward_info(name, reward, plugin, max_batch, limit), token=token,
+                     max_request_bytes=limit, max_batch=max_batch)
+    sock = listen(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="marble-serve")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            raise MarbleError(f"the reward server thread for {name!r} did not start")
+        yield server_url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
         sock.close()

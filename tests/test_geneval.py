@@ -6,8 +6,6 @@ in a thread on 127.0.0.1) scoring like the in-process one, metadata included."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -180,29 +178,14 @@ def test_geneval_prompt_metadata_reaches_the_reward_in_training(tmp_path):
 
 
 def test_the_served_reward_scores_like_the_in_process_one(monkeypatch):
-    import uvicorn
-
-    from marble_kit.registry import get_registry
-    from marble_kit.serve import create_app, listen, reward_info, server_url
+    from marble_kit.serve import serving_in_thread
 
     reward = geneval()
-    info = reward_info("geneval", reward, get_registry().get("reward", "geneval"), 64, 2**20)
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app("geneval", reward, info, token="t", max_request_bytes=2**20,
-                                                      max_batch=64), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        monkeypatch.setenv("MARBLE_REWARD_TOKEN", "t")
+    monkeypatch.setenv("MARBLE_REWARD_TOKEN", "t")
+    with serving_in_thread("geneval", reward, token="t", max_request_mb=1, max_batch=64) as url:
         for encoding in ("float32", "png"):  # the rectangles survive 8-bit pixels exactly
-            remote = build("reward", "remote:geneval", {"url": server_url(sock), "encoding": encoding,
+            remote = build("reward", "remote:geneval", {"url": url, "encoding": encoding,
                                                         "batch_size": 3})  # 3 requests of ≤ 3 images
             images, prompts, _ = scene()
             expected = reward(images, prompts)
             assert torch.equal(remote(images, prompts).nan_to_num(-1), expected.nan_to_num(-1)), encoding
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
