@@ -347,32 +347,6 @@ def conflict(
     console.print(table)
     _print_targets(report["targets"])
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
-    if scoring_rounds > 0:
-        _scoring_section(policy, settings.policy_options, scoring_rounds, out)
-
-
-def _scoring_section(policy: str, policy_options: dict, rounds: int, out: Path, quiet: bool = False) -> None:
-    """`bench speed`'s scoring section (marble_kit/bench/scoring.py): its own table and files."""
-    from marble_kit.bench.scoring import ScoringSettings, plot_scoring, run_scoring_benchmark
-
-    settings = ScoringSettings(policy=policy, policy_options=dict(policy_options), rounds=rounds)
-    err_console.print(f"scoring section: {', '.join(settings.rewards)}, {settings.warmup} + {rounds} rounds × 3 variants",
-                      highlight=False)
-    report = run_scoring_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
-    json_path, plot_path = _write_outputs(report, out, "scoring", plot_scoring)
-    if quiet:
-        return
-    alone = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report["reward_seconds"].items())
-    table = Table(title=f"Scoring the rewards (median s per step; each reward alone: {alone})", box=box.SIMPLE_HEAD)
-    for column in ("variant", "step", "rollout", "rewards", "update", "saved / step", "× step", "expected ×"):
-        table.add_column(column, justify="right")
-    for row in report["rows"]:
-        table.add_row(row["variant"], *(f"{row[f'median_{k}_s']:.3f}" for k in ("step", "rollout", "rewards", "update")),
-                      f"{row['saved_per_step_s']:.3f}", f"{row['speed_step']:.2f}×", f"{row['expected_speed_step']:.2f}×")
-    table.caption = ("rewards: the time the rollout did not hide; × step: sequential / variant within each round (one "
-                     "machine, shared with other work: ratios, not absolute times); expected: from the sequential phases")
-    console.print(table)
-    console.print(f"wrote {json_path} and {plot_path}", highlight=False)
 
 
 @bench_app.command("fidelity")
