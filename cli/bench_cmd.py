@@ -167,7 +167,7 @@ def speed(
                                     "0 = no anchor and no anchor backward pass)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for speed.json and speed.png."),
-    scoring_rounds: int = typer.Option(5, "--scoring-rounds", help="Rounds of the scoring section (sequential / concurrent / async rewards, K = 2 OCR, one served); 0 skips it."),
+    scoring_rounds: int | None = typer.Option(None, "--scoring-rounds", help="Rounds of the scoring section on the CPU proxy (sequential / concurrent / async rewards, K = 2 OCR, one served; default 5 with tiny-sd3, else 0 = skipped)."),
 ):
     """Time per training step: single reward vs weighted sum / MARBLE affine / periodic / exact / sampled rows at K = 5;
     then the time concurrent and async scoring save."""
@@ -196,6 +196,8 @@ def speed(
     if device is not None:
         options["device"] = device
     settings.policy_options = ensure_device(options, policy)
+    if scoring_rounds is None:
+        scoring_rounds = 5 if policy == "tiny-sd3" else 0
     err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.rounds} rounds × 6 variants",
                       highlight=False)
     report = run_speed_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))

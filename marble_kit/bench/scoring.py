@@ -205,5 +205,6 @@ def plot_scoring(report: dict[str, Any], path) -> Any:
            xlabel="median seconds per step", title=f"Scoring K={len(report['reward_seconds'])} rewards: "
                                                    + ", ".join(report["reward_seconds"]))
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(left) * 1.5 if max(left) > 0 else 1)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     return save_figure(fig, path)
