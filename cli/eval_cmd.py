@@ -24,8 +24,10 @@ def eval_command(
     prompts: list[str] | None = typer.Option(None, "--prompts", help="Prompt sets to evaluate on (default: held-out world prompts / the run's sets)."),
     rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated rewards (default: the run's)."),
     reward_opt: list[str] | None = typer.Option(None, "--reward-opt", help="Reward option NAME.OPTION=VALUE."),
-    images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="Images per prompt (same noise for base and fine-tuned)."),
-    max_prompts: int = typer.Option(32, "--max-prompts", help="At most this many prompts."),
+    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="Images per prompt (same noise for base and fine-tuned; default: the run's eval_images_per_prompt, 4)."),
+    max_prompts: int | None = typer.Option(None, "--max-prompts", help="At most this many prompts, 0 = all (default: the run's eval_max_prompts, 32)."),
+    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps (default: the run's eval_sample_steps, else its sample_steps; the paper's protocol: 40)."),
+    weights: str = typer.Option("auto", "--weights", help="Weights to evaluate: ema (the weight EMA), raw (the trained weights) or auto (ema when the run kept one)."),
     seed: int = typer.Option(1234, "--seed", help="Noise seed (the same for base and checkpoint)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval/step-N)."),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON report."),
@@ -35,7 +37,8 @@ def eval_command(
 
     report = evaluate(target, prompts=prompts, rewards=names_option(rewards, "--rewards"),
                       reward_options=parse_plugin_options(reward_opt, "--reward-opt"),
-                      images_per_prompt=images_per_prompt, max_prompts=max_prompts, seed=seed, out=out)
+                      images_per_prompt=images_per_prompt, max_prompts=max_prompts, seed=seed, out=out,
+                      sample_steps=sample_steps, weights=weights)
     if json_output:
         print_json(report.as_dict())
         return

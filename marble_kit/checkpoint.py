@@ -6,9 +6,15 @@ Layout of one checkpoint (a directory, renamed into place only when complete)::
         meta.json                    policy, rewards, balancer, step, the run's config, and the
                                      size + sha256 of every other file (truncation / corruption)
         adapter/pytorch_lora_weights.safetensors   (diffusers `load_lora_weights` accepts it)
+        ema_adapter/pytorch_lora_weights.safetensors   the weight EMA's, with ema_decay > 0
         policy.safetensors           trainable + old-policy LoRA tensors
-        state.pt                     optimizer, balancer, RNG and prompt-sampler state
+        state.pt                     optimizer, balancer, RNG and prompt-sampler state (and
+                                     the weight EMA, the held-out evaluation's record)
                                      (plain tensors/containers; loaded with weights_only=True)
+
+``checkpoints/best/`` (``eval_every``) is a checkpoint of the same layout, written the same
+way, at the step whose held-out composite was the best so far; ``keep_checkpoints`` never
+prunes it and ``--resume`` never starts from it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,9 @@ META_FILE = "meta.json"
 POLICY_FILE = "policy.safetensors"
 STATE_FILE = "state.pt"
 ADAPTER_DIR = "adapter"
+EMA_ADAPTER_DIR = "ema_adapter"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+BEST = "best"
 
 
 def checkpoint_name(step: int) -> str:
@@ -85,15 +95,18 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any], policy: Any,
-                    meta: dict[str, Any], keep: int = 0) -> Path:
+                    meta: dict[str, Any], keep: int = 0, name: str | None = None,
+                    ema_weights: Callable[[], ContextManager[Any]] | None = None) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` atomically; keep the last ``keep`` (0 = all).
 
     Everything is written into ``step-N.tmp`` first, fsynced, then renamed into place: a crash
     or Ctrl-C at any moment leaves either the previous complete checkpoint or the new one.
+    ``name`` (e.g. ``best``) writes it under that name instead, outside the pruned step-N
+    series; ``ema_weights`` (a context that swaps the weight EMA in) adds ``ema_adapter/``.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
+    final = root / (name or checkpoint_name(step))
     tmp = root / (final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -104,6 +117,9 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any
     save_file(policy_tensors, str(tmp / POLICY_FILE))
     torch.save(state, tmp / STATE_FILE)
     policy.save_adapter(str(tmp / ADAPTER_DIR))
+    if ema_weights is not None:
+        with ema_weights():
+            policy.save_adapter(str(tmp / EMA_ADAPTER_DIR))
     full_meta = {**meta, "step": step, "format": FORMAT_VERSION, "files": _manifest(tmp)}
     (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
     for file in tmp.rglob("*"):
@@ -120,7 +136,7 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    if keep > 0:
+    if keep > 0 and name is None:
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return final

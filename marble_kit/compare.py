@@ -130,7 +130,8 @@ def load_run(path: Path, label: str) -> RunSummary:
     if not path.is_dir():
         raise MarbleError(f"{path} is not a directory; pass the --out directories of `marble train` runs")
     config = read_run_config(path)
-    rows = [row for row in read_metrics(path) if isinstance(row.get("step"), int)]
+    # Training steps (a run that evaluates during training also logs its base evaluation as step 0).
+    rows = [row for row in read_metrics(path) if isinstance(row.get("step"), int) and row["step"] > 0]
     if not rows:
         raise MarbleError(f"{path}/metrics.jsonl has no step yet; compare runs after their first training step")
     eval_path, eval_report = latest_eval(path)

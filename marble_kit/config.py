@@ -21,6 +21,7 @@ LOSS_SPACES = ("x0", "velocity")
 REWARD_SCOPES = ("judged", "all")
 DEFAULT_REWARDS = ["color", "shape", "centering"]
 TRACKERS = ("tensorboard", "wandb")  # report_to choices (marble_kit.tracking)
+TIMESTEP_SCHEDULES = ("uniform", "grid")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -59,16 +60,27 @@ class TrainConfig:
     adv_std: str = _f("group", "Advantage std per prompt group ('group', flow_grpo's default; a global "
                       "reward judging unlike prompt sets needs it, docs/world.md) or over the whole "
                       "batch ('global', the DiffusionNFT release; sd35-marble pins it).")
+    timestep_schedule: str = _f("uniform", "Training timesteps: 'uniform' (t ~ U[timestep_min, timestep_max]) "
+                                "or 'grid' (the sampler's own sample_steps timesteps, timesteps_per_image "
+                                "distinct ones per image at random: the release trains 24 of its 25).")
     timestep_min: float = _f(0.02, "Smallest training t (t ~ U[min, max]).")
     timestep_max: float = _f(0.98, "Largest training t.")
-    old_decay_rate: float = _f(0.02, "Old-policy EMA decay = min(rate·step, old_decay_max).")
+    old_decay_rate: float = _f(0.02, "Old-policy EMA decay = min(rate·(step + old_decay_offset), old_decay_max).")
     old_decay_max: float = _f(0.5, "Cap of the old-policy EMA decay.")
+    old_decay_offset: int = _f(0, "Added to the 0-based step in the old-policy decay (the release counts "
+                               "the step just taken: 1).")
     # optimizer
     lr: float = _f(5e-3, "AdamW learning rate (tiny-sd3; 3e-4 for SD3.5 Medium).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW β1.")
     adam_beta2: float = _f(0.999, "AdamW β2.")
     grad_clip: float = _f(1.0, "Global gradient-norm clip (0 = off).")
+    grad_clip_scale: float = _f(1.0, "Loss scale grad_clip refers to: the gradient is clipped where "
+                                "grad_clip_scale·‖g‖ > grad_clip (the release multiplies its loss by "
+                                "adv_clip_max = 5 and clips at 1.0: 5).")
+    ema_decay: float = _f(0.0, "EMA of the trainable weights for evaluation, sample grids and the saved "
+                          "ema_adapter: decay min((1+n)/(10+n), ema_decay) after step n (0 = off; the "
+                          "release: 0.9). Training itself never reads it.")
     optimizer_sharding: str = _f("none", "'zero': shard AdamW's moments across ranks (ZeRO-1, torch's "
                                  "ZeroRedundancyOptimizer) in multi-process runs; 'none': every rank "
                                  "holds them all.")
@@ -87,6 +99,15 @@ class TrainConfig:
     checkpoint_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N checkpoints.")
     sample_every: int = _f(50, "Sample grid every N steps (0 = off).")
+    eval_every: int = _f(0, "Held-out evaluation every N steps, at step 0 and at the last step (0 = off): "
+                         "eval/* metrics, RUN/eval/step-N/eval.json, checkpoints/best by the composite.")
+    eval_prompts: list = _f([], "Prompt sets of the held-out evaluation (default: world_eval for the "
+                            "default world, else the run's prompt sets), as `prompts`.")
+    eval_sample_steps: int = _f(0, "Sampler steps of the evaluation (0 = sample_steps; the release: 40).")
+    eval_images_per_prompt: int = _f(4, "Images per held-out prompt (the same noise at every evaluation).")
+    eval_max_prompts: int = _f(32, "At most this many held-out prompts, round-robin over the sets (0 = all).")
+    eval_rewards: list = _f([], "Rewards that are scored in the evaluation but never trained (not in "
+                            "advantages, the QP or λ): a trained reward's hacking shows in them.")
     threads: int = _f(0, "torch threads (0 = leave torch's default).")
     reward_device: str = _f("policy", "Where rewards run: 'policy' (the policy's device), "
                             "'offload' (kept on the CPU, moved to the policy's device only while "
@@ -115,14 +136,34 @@ class TrainConfig:
                       "(comma-separated) or none")
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
+        if isinstance(self.eval_prompts, str):
+            self.eval_prompts = [self.eval_prompts]
+        if isinstance(self.eval_rewards, str):
+            self.eval_rewards = [n.strip() for n in self.eval_rewards.split(",") if n.strip()]
         if not self.rewards:
             raise bad("rewards", "is empty; name at least one reward (e.g. --rewards brightness)")
         if len(set(self.rewards)) != len(self.rewards):
             raise bad("rewards", f"lists a reward twice: {self.rewards}")
+        if len(set(self.eval_rewards)) != len(self.eval_rewards) or set(self.eval_rewards) & set(self.rewards):
+            raise bad("eval_rewards", f"{self.eval_rewards} must name each reward once and none that is trained "
+                      f"({','.join(self.rewards)}); every trained reward is evaluated anyway")
         for name in ("steps", "prompts_per_step", "images_per_prompt", "sample_steps",
-                     "timesteps_per_image", "gram_period"):
+                     "timesteps_per_image", "gram_period", "eval_images_per_prompt"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, f"must be ≥ 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_sample_steps", "eval_max_prompts", "old_decay_offset"):
+            if int(getattr(self, name)) < 0:
+                raise bad(name, f"must be ≥ 0, got {getattr(self, name)}")
+        if self.timestep_schedule not in TIMESTEP_SCHEDULES:
+            raise bad("timestep_schedule", f"must be one of {', '.join(TIMESTEP_SCHEDULES)}, "
+                      f"got {self.timestep_schedule!r}")
+        if self.timestep_schedule == "grid" and self.timesteps_per_image > self.sample_steps:
+            raise bad("timesteps_per_image", f"({self.timesteps_per_image}) exceeds the sampler's "
+                      f"{self.sample_steps} timesteps of timestep_schedule='grid'; draw at most sample_steps")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise bad("ema_decay", f"must be in [0, 1) (0 = off, the release: 0.9), got {self.ema_decay}")
+        if not float(self.grad_clip_scale) > 0:
+            raise bad("grad_clip_scale", f"must be > 0, got {self.grad_clip_scale}")
         if self.gram not in GRAM_MODES:
             raise bad("gram", f"must be one of {', '.join(GRAM_MODES)}, got {self.gram!r}")
         if self.reward_threads < 0:

@@ -70,7 +70,8 @@ def save_png(fig, path: Path) -> Path:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write plots/rewards.png, plots/weights.png, plots/cosines.png, plots/update_cosines.png."""
+    """Write plots/rewards.png, plots/weights.png, plots/cosines.png, plots/update_cosines.png
+    (and plots/eval.png when the run evaluated during training)."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
@@ -83,5 +84,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
               out / "cosines.png", zero_line=True),
         _plot(rows, "cos_update/", "Cosine of each reward gradient with the actual update", "cosine",
               out / "update_cosines.png", zero_line=True),
+        _plot(rows, "eval_delta/", "Held-out change per reward (eval_every)", "Δ / base std",
+              out / "eval.png", zero_line=True),
     ]
     return [p for p in made if p is not None]

@@ -6,6 +6,13 @@ the velocity ``v = noise - x0``. A policy holds three views of one network:
 * ``velocity``      — the trainable policy v_θ (adapter active, gradients flow);
 * ``old_velocity``  — the sampling policy v_old, an EMA of the trainable weights (no grad);
 * ``ref_velocity``  — the frozen reference v_ref (adapters disabled, no grad).
+
+Optional (the trainer asks with ``getattr`` and says what is missing when a config needs it):
+
+* ``sampling_timesteps(steps) -> Tensor [steps]`` — the t ∈ [0, 1] at which ``sample`` evaluates
+  the velocity with ``steps`` sampler steps, first to last (float32, CPU); for a flow-matching
+  scheduler its shifted σ's. ``timestep_schedule = "grid"`` trains on these.
+* ``autocast_dtype`` — the half-precision dtype of the forward passes, if any (round-off bounds).
 """
 
 from __future__ import annotations

@@ -75,5 +75,10 @@ class TrainProgress:
             self.progress.console.print(f"step {metrics['step']:>5} · {summarize(metrics, list(self.config.rewards))}",
                                         highlight=False)
 
+    def note(self, text: str) -> None:
+        """One line above the bar (e.g. a held-out evaluation's summary)."""
+        if self.enabled:
+            self.progress.console.print(text, highlight=False)
+
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)

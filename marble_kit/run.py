@@ -5,7 +5,8 @@
         metrics.jsonl        one JSON object per step
         checkpoints/         step-NNNNNN/ (see marble_kit.checkpoint), keep-last-N
         samples/             step-NNNNNN.png sample grids (fixed prompts and noise)
-        plots/               rewards.png, weights.png, cosines.png, update_cosines.png
+        eval/                step-NNNNNN/eval.json + eval_grid.png (eval_every; marble eval)
+        plots/               rewards.png, weights.png, cosines.png, update_cosines.png, eval.png
 
 Bad input (config, prompts, run directory, checkpoint) is detected before anything is written,
 so a failed start never changes what is already on disk.
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from marble_kit.checkpoint import BEST, list_checkpoints, load_checkpoint, save_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.distributed import Distributed, tensors_digest
 from marble_kit.errors import MarbleError
@@ -276,10 +277,13 @@ def sample_images(policy, config: TrainConfig, prompts: list[str]) -> torch.Tens
 
 
 def save_samples(trainer: Trainer, run_dir: Path, step: int) -> Path:
-    """samples/step-NNNNNN.png: the fixed sample prompts (captions) with the current weights."""
+    """samples/step-NNNNNN.png: the fixed sample prompts (captions) with the current weights
+    (the weight EMA's when ema_decay > 0)."""
     prompts = sample_prompts(trainer.components.prompt_sets)
     path = run_dir / SAMPLES_DIR / f"step-{step:06d}.png"
-    return save_grid(sample_images(trainer.policy, trainer.config, prompts), path, captions=prompts)
+    with trainer.eval_weights():
+        images = sample_images(trainer.policy, trainer.config, prompts)
+    return save_grid(images, path, captions=prompts)
 
 
 # ------------------------------------------------------------------ one writer per run directory
@@ -410,6 +414,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     first write, so bad input leaves the disk as it was. The whole run holds the directory's
     lock (:class:`RunDirectoryLock`): a second writer is refused.
     """
+    from marble_kit.evaluate import TrainingEvaluation, eval_prompt_sets
     from marble_kit.plots import plot_run
     from marble_kit.progress import TrainProgress
 
@@ -428,8 +433,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     torch.manual_seed(config.seed)
     components = build_components(config)
     trainer = Trainer(config, components, dist=dist)
+    evaluation = (TrainingEvaluation(config, components.rewards + components.eval_rewards,
+                                     [*config.rewards, *config.eval_rewards], eval_prompt_sets(config), dist)
+                  if config.eval_every else None)
     if state is not None:
         restore_global_rng(state.pop("global_rng", None))
+        if evaluation is not None:
+            evaluation.load_state_dict(state.pop("evaluation", None))
         trainer.load_state_dict(state)
     start_step = trainer.step_count
     dist.check_device(trainer.policy.device)
@@ -450,15 +460,30 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     meta = checkpoint_meta(config)
     saved: dict[str, Any] = {"step": start_step if state is not None else None, "path": None}
 
+    def write_checkpoint(name: str | None = None, extra_meta: dict[str, Any] | None = None) -> Path | None:
+        trainer.consolidate()  # every rank: a sharded optimizer state is gathered on rank 0
+        if not dist.is_main:
+            return None
+        full_state = {**trainer.state_dict(), "global_rng": capture_global_rng()}
+        if evaluation is not None:
+            full_state["evaluation"] = evaluation.state_dict()
+        return save_checkpoint(run_dir, trainer.step_count, full_state, trainer.policy,
+                               {**meta, **(extra_meta or {})}, keep=config.keep_checkpoints, name=name,
+                               ema_weights=trainer.eval_weights if trainer.ema is not None else None)
+
     def checkpoint() -> None:
         if saved["step"] == trainer.step_count:
             return
-        trainer.consolidate()  # every rank: a sharded optimizer state is gathered on rank 0
-        if dist.is_main:
-            full_state = {**trainer.state_dict(), "global_rng": capture_global_rng()}
-            saved["path"] = save_checkpoint(run_dir, trainer.step_count, full_state, trainer.policy, meta,
-                                            keep=config.keep_checkpoints)
+        saved["path"] = write_checkpoint()
         saved["step"] = trainer.step_count
+
+    def evaluate_now(step: int) -> dict[str, Any]:
+        """The held-out evaluation (every rank); a new best composite writes checkpoints/best."""
+        eval_metrics, best = evaluation.run(trainer, step, run_dir)
+        if best:
+            write_checkpoint(BEST, {"best": {"step": step, "composite": eval_metrics["eval/composite"]}})
+        bar.note(evaluation.summary(eval_metrics, step, best))
+        return eval_metrics
 
     history: list[dict[str, Any]] = []
     interrupted = False
@@ -469,6 +494,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         with bar, tracker:
             if dist.is_main and config.sample_every and start_step == 0:
                 tracker.log_image("samples", save_samples(trainer, run_dir, 0), 0)
+            if evaluation is not None and start_step == 0:  # the base every evaluation is measured against
+                base_line = {"step": 0, **evaluate_now(0)}
+                if dist.is_main:
+                    append_metrics(metrics_path, base_line)
+                    tracker.log_metrics(base_line)
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 try:
@@ -483,10 +513,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                                       f"saved): once the reward works again, continue it with "
                                       f"`marble train --resume {run_dir}`") from exc
                 metrics.update(reward_metrics(trainer))
+                evaluated = evaluation is not None and evaluation.due(trainer.step_count)
+                if evaluated:
+                    metrics.update(evaluate_now(trainer.step_count))
                 history.append(metrics)
                 step = trainer.step_count
                 if dist.is_main:
-                    if step % config.log_every == 0 or step == config.steps:
+                    if step % config.log_every == 0 or step == config.steps or evaluated:
                         append_metrics(metrics_path, metrics)
                         tracker.log_metrics(metrics)
                     if config.sample_every and step % config.sample_every == 0:

@@ -13,6 +13,7 @@ One step, top to bottom:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import math
 import time
@@ -27,6 +28,7 @@ from marble_kit.advantages import group_advantages, reward_statistics, summed_re
 from marble_kit.balancing import MinNormQP, balance, solve_period_due
 from marble_kit.config import TrainConfig
 from marble_kit.distributed import Distributed
+from marble_kit.ema import WeightEMA
 from marble_kit.errors import MarbleError
 from marble_kit.nft import (
     affine_cotangents_autograd,
@@ -66,13 +68,15 @@ class Components:
     reward_names: list[str]
     balancer: Any
     prompt_sets: list[Any]
+    eval_rewards: list[Any] = field(default_factory=list)  # scored in evaluations only, never trained
 
 
 def build_components(config: TrainConfig) -> Components:
     """Rewards first (missing weights fail fast, before the policy loads), then the rest."""
     prompt_sets = resolve_prompt_sets(config.prompts, config.rewards)
     rewards = [build("reward", name, config.reward_options.get(name, {})) for name in config.rewards]
-    unknown_options = set(config.reward_options) - set(config.rewards)
+    eval_rewards = [build("reward", name, config.reward_options.get(name, {})) for name in config.eval_rewards]
+    unknown_options = set(config.reward_options) - set(config.rewards) - set(config.eval_rewards)
     if unknown_options:
         raise MarbleError(
             f"reward options given for {sorted(unknown_options)} which are not in --rewards "
@@ -91,9 +95,9 @@ def build_components(config: TrainConfig) -> Components:
         reward_device = policy.device if config.reward_device == "policy" else torch.device("cpu")
     else:
         reward_device = torch.device(config.reward_device)
-    for reward in rewards:
+    for reward in rewards + eval_rewards:
         reward.to(reward_device)
-    return Components(policy, rewards, list(config.rewards), balancer, prompt_sets)
+    return Components(policy, rewards, list(config.rewards), balancer, prompt_sets, eval_rewards)
 
 
 def balance_weights(balancer: Any, gram: torch.Tensor, step: int, active: torch.Tensor) -> torch.Tensor:
@@ -184,6 +188,9 @@ class Trainer:
         if not self.params:
             raise MarbleError(f"policy {cfg.policy!r} has no trainable parameters")
         self.optimizer = self._build_optimizer()
+        # The weight EMA (ema_decay > 0) starts at the initial weights; training never reads it.
+        self.ema = WeightEMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.timestep_grid = self._timestep_grid() if cfg.timestep_schedule == "grid" else None
         if cfg.prompts_per_step % self.dist.world_size:
             raise MarbleError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the "
                               f"number of processes ({self.dist.world_size}); groups stay whole on one rank")
@@ -263,7 +270,38 @@ class Trainer:
         return time.perf_counter()
 
     def old_decay(self, step: int) -> float:
-        return min(self.config.old_decay_rate * step, self.config.old_decay_max)
+        """The old-policy decay after 0-based step ``step`` (``old_decay_offset`` 1: the release's
+        count of the steps taken, min(rate·(step + 1), max))."""
+        return min(self.config.old_decay_rate * (step + self.config.old_decay_offset), self.config.old_decay_max)
+
+    @property
+    def clip_threshold(self) -> float:
+        """The clip on ‖g‖ of this project's loss: grad_clip of a loss scaled by grad_clip_scale."""
+        return self.config.grad_clip / self.config.grad_clip_scale
+
+    def _timestep_grid(self) -> torch.Tensor:
+        """``timestep_schedule = "grid"``: the policy's own sampler timesteps t ∈ [0, 1] (float32)."""
+        cfg = self.config
+        grid_of = getattr(self.policy, "sampling_timesteps", None)
+        if grid_of is None:
+            raise MarbleError(f"policy {cfg.policy!r} has no sampling_timesteps(steps), which "
+                              "timestep_schedule='grid' trains on; use timestep_schedule='uniform'")
+        grid = torch.as_tensor(grid_of(cfg.sample_steps), dtype=torch.float32).cpu().reshape(-1)
+        if grid.numel() != cfg.sample_steps or not ((grid >= 0) & (grid <= 1)).all():
+            raise MarbleError(f"policy {cfg.policy!r}: sampling_timesteps({cfg.sample_steps}) gave "
+                              f"{grid.numel()} values, not {cfg.sample_steps} in [0, 1]")
+        return grid
+
+    def _draw_timesteps(self, images: int) -> torch.Tensor:
+        """t of the global rows, timestep-major ([T·images]): uniform in [min, max], or (grid)
+        T distinct timesteps of the sampler's grid per image, a random subset of them (the
+        release: a random permutation of its 25 per image, of which it trains the first 24)."""
+        cfg, repeats = self.config, self.config.timesteps_per_image
+        if self.timestep_grid is None:
+            return cfg.timestep_min + (cfg.timestep_max - cfg.timestep_min) * torch.rand(
+                images * repeats, generator=self.generator)
+        picks = torch.rand(images, self.timestep_grid.numel(), generator=self.generator).argsort(dim=1)
+        return self.timestep_grid[picks[:, :repeats]].T.reshape(-1)
 
     def _score(self, images: torch.Tensor, prompts: list[str], set_ids: torch.Tensor) -> torch.Tensor:
         """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it.
@@ -404,8 +442,7 @@ class Trainer:
         # t and ε for the global rows (timestep-major, like a single process), then this rank's.
         global_rows = (torch.arange(repeats).repeat_interleave(batch) * batch * world
                        + rank * batch + torch.arange(batch).repeat(repeats))
-        t = cfg.timestep_min + (cfg.timestep_max - cfg.timestep_min) * torch.rand(
-            batch * world * repeats, generator=self.generator)
+        t = self._draw_timesteps(batch * world)
         noise = torch.randn((batch * world * repeats, *rollout.x0.shape[1:]), generator=self.generator)
         t, noise = t[global_rows], noise[global_rows]
         x0 = rollout.x0[rows].to(self.policy.device)
@@ -567,7 +604,7 @@ class Trainer:
         if self.config.grad_clip > 0:
             solver, mask = MinNormQP(), active.cpu().numpy()
             scale = gram_ops.consistent_clip_scale(
-                parts, self.config.grad_clip,
+                parts, self.clip_threshold,
                 lambda e: torch.as_tensor(solver.solve(e.cpu().numpy(), active=mask).lam))
         return parts.gram(scale)
 
@@ -644,7 +681,7 @@ class Trainer:
             self.loss_weights = weights
 
         before = [p.detach().clone() for p in self.params] if grads is not None else None
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.clip_threshold) if cfg.grad_clip > 0
                      else torch.sqrt(sum(p.grad.pow(2).sum() for p in self.params if p.grad is not None)))
         self.optimizer.step()
         timings["time/gradient_step"] = self._clock() - gradient_clock
@@ -655,8 +692,10 @@ class Trainer:
                 metrics[f"cos_update/{name}"] = value
             metrics["cos_update/worst"] = _worst(cos_update, active)
 
-        # Old policy ← EMA of the trainable weights.
+        # Old policy ← EMA of the trainable weights; the evaluation EMA (its own) follows too.
         self.policy.update_old(self.old_decay(step))
+        if self.ema is not None:
+            metrics["ema_decay"] = self.ema.update(step + 1)
         timings["time/update"] = self._clock() - clock
 
         # 8. Diagnostics (SPEC §1.8).
@@ -721,6 +760,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
             **({"pending_rollout": self._pending_recipe} if self._pending_recipe is not None else {}),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -735,9 +775,18 @@ class Trainer:
             self.inactive_steps = torch.as_tensor(state["inactive_steps"], dtype=torch.float64).clone()
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise MarbleError("the checkpoint holds no weight EMA, but ema_decay > 0; resume with the "
+                                  "run's own config")
+            self.ema.load_state_dict(state["ema"])
         self._pending = self._pending_recipe = None
         if "pending_rollout" in state:  # reward_staleness = 1: the rollout the next step trains on
             self._regenerate_pending(state["pending_rollout"])
+
+    def eval_weights(self):
+        """The weights evaluation and sample grids use: the EMA's when ema_decay > 0 (a context)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
 
 def _worst(cosines: torch.Tensor, active: torch.Tensor | None) -> float:

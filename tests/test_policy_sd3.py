@@ -40,7 +40,7 @@ def test_tiny_policy_satisfies_the_contract(policy):
     assert policy.device == torch.device("cpu")
     names = policy._trainable_names
     assert names == sorted(names) and all("lora_" in n for n in names)
-    targets = {n.split(".lora_")[0].split("attn.")[-1] for n in names}
+    targets = {"attn." + n.split(".lora_")[0].split("attn.")[-1] for n in names}
     assert targets == set(sd3.DEFAULT_TARGET_MODULES)
     assert policy.lora_config.r == 8 and policy.lora_config.lora_alpha == 16
 

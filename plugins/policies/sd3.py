@@ -36,9 +36,12 @@ SD35_PATH_ENV = "MARBLE_SD35_PATH"
 TINY_PRIOR_DIR = Path(__file__).resolve().parent / "tiny_sd3"
 POLICY_DEFAULTS_FILE = "marble_policy.json"  # written by tiny_prior next to the weights
 ADAPTER = "default"
-# SPEC §1 reference LoRA targets (attention projections of both MMDiT streams).
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0",
-                          "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# SPEC §1 reference LoRA targets: the joint attention's projections of both MMDiT streams, by
+# their full names as the official MARBLE release lists them. peft matches a name as a suffix,
+# so `attn.to_q` leaves out `attn2.to_q`, the second image self-attention of SD3.5's
+# dual-attention blocks (bare `to_q`, … would adapt those too: 13 blocks of SD3.5 Medium).
+DEFAULT_TARGET_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Measured on the 2-core CI machine (docs/tiny-sd3.md): 1 thread is steady, 2 threads are faster
 # on average but stall sporadically; the tiny default uses this many unless told otherwise.
@@ -512,6 +515,16 @@ class SD3Policy:
             x = scheduler.step(v, timestep, x, return_dict=False)[0]
         return x
 
+    def sampling_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        """The t ∈ [0, 1] at which :meth:`sample` evaluates the velocity with ``steps`` sampler
+        steps, first to last (float32 on the CPU): the scheduler's timesteps / 1000, i.e. its
+        shifted σ's (SD3.5: shift 3). ``timestep_schedule = "grid"`` trains on them."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(steps or self.steps, device="cpu")
+        return (scheduler.timesteps / 1000.0).float()
+
     def _negative_cond(self, batch: int) -> SD3Cond:
         return self.encode_prompts([""]).index([0] * batch)
 
@@ -688,9 +701,12 @@ def build_sd35_arch(rank: int = 32, alpha: float | None = None,
                     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
                     device: str | None = None, mixed_precision: str = "bf16",
                     gradient_checkpointing: bool = True, offload_vae: bool = False,
-                    max_sequence_length: int = 256, resolution: int = 512, steps: int = 25,
+                    offload_text_encoders: bool = False, max_sequence_length: int = 256,
+                    resolution: int = 512, steps: int = 25, guidance_scale: float = 1.0,
                     sample_batch_size: int = 0) -> SD3Policy:
-    """SD3.5 Medium's architecture with random weights + LoRA (GPU timing of update steps)."""
+    """SD3.5 Medium's architecture with random weights + LoRA (GPU timing of update steps; with
+    `sd3.5`'s options but `path` and `use_t5`, so `--config sd35-marble --policy sd3.5-arch`
+    is a smoke test of the recipe without weights)."""
     target_device = torch.device(device) if device else default_device()
     if target_device.type != "cuda" and os.environ.get("MARBLE_ALLOW_CPU_ARCH") != "1":
         raise MarbleError(
@@ -703,8 +719,9 @@ def build_sd35_arch(rank: int = 32, alpha: float | None = None,
     return SD3Policy(pipeline, name="sd3.5-arch", rank=rank, alpha=alpha,
                      target_modules=target_modules, seed=seed, device=target_device,
                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                     offload_vae=offload_vae, max_sequence_length=max_sequence_length,
-                     resolution=resolution, steps=steps, sample_batch_size=sample_batch_size)
+                     offload_vae=offload_vae, offload_text_encoders=offload_text_encoders,
+                     max_sequence_length=max_sequence_length, resolution=resolution, steps=steps,
+                     guidance_scale=guidance_scale, sample_batch_size=sample_batch_size)
 
 
 @hookimpl
