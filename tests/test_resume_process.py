@@ -55,8 +55,10 @@ def trajectory(run: Path) -> list[dict]:
 
 
 def assert_same_step(a: Path, b: Path) -> None:
-    """Two checkpoints of one step hold the same weights, optimizer, balancer and RNG states."""
-    for name in ("policy.safetensors", "adapter/pytorch_lora_weights.safetensors"):
+    """Two checkpoints of one step hold the same weights (trained, old, weight EMA), optimizer,
+    balancer, RNG and held-out evaluation states."""
+    for name in ("policy.safetensors", "adapter/pytorch_lora_weights.safetensors",
+                 "ema_adapter/pytorch_lora_weights.safetensors"):
         left, right = load_file(a / name), load_file(b / name)
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), name
     state_a, state_b = load_checkpoint(a)[1], load_checkpoint(b)[1]
@@ -69,6 +71,8 @@ def assert_same_step(a: Path, b: Path) -> None:
             else value == state_b["balancer"][key], key
     assert torch.equal(state_a["generator"], state_b["generator"])
     assert torch.equal(state_a["global_rng"]["torch"], state_b["global_rng"]["torch"])
+    assert all(torch.equal(x, y) for x, y in zip(state_a["ema"]["shadow"], state_b["ema"]["shadow"], strict=True))
+    assert all(torch.equal(state_a["evaluation"][k], state_b["evaluation"][k]) for k in state_a["evaluation"])
 
 
 def crash_copy(run: Path, copy: Path, step: int) -> None:
@@ -94,7 +98,10 @@ PROMPTS = ["a red circle on a white background", "a green square on a gray backg
 @pytest.mark.slow
 def test_resumed_processes_continue_bit_for_bit(tmp_path):
     """Periodic Gram (mgda-qp solved with the `affine` Gram every 3 steps, the loss weights reused
-    between solves), sample grids every 2 steps. Two ways to resume:
+    between solves), sample grids every 2 steps, and the recipe's additions: the weight EMA
+    (sample grids, evaluation and ema_adapter use it), the held-out evaluation every 2 steps
+    with its best checkpoint, the sampler-grid timesteps, the decay offset, the scaled clip.
+    Two ways to resume:
 
     * `--steps 2`, then `--resume --steps 4`: the short run's end-of-run checkpoint holds what
       step 2 of the long run holds, and the extended run continues it exactly;
@@ -104,13 +111,17 @@ def test_resumed_processes_continue_bit_for_bit(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     settings = [*TINY, "--prompts", prompts, "--balancer", "mgda-qp", "--gram", "periodic",
-                "--set", "gram_period=3", "--set", "checkpoint_every=2", "--set", "sample_every=2"]
+                "--set", "gram_period=3", "--set", "checkpoint_every=2", "--set", "sample_every=2",
+                "--set", "ema_decay=0.9", "--set", "eval_every=2", "--set", "eval_max_prompts=2",
+                "--set", "eval_images_per_prompt=1", "--set", "timestep_schedule=grid",
+                "--set", "old_decay_offset=1", "--set", "grad_clip_scale=5"]
     full, short, crashed = tmp_path / "full", tmp_path / "short", tmp_path / "crashed"
     short_run = start_marble_train(["--out", short, "--steps", 2, "--seed", 7, *settings])
     train_here("--out", full, "--steps", 4, "--seed", 7, *settings)  # meanwhile, the reference here
     wait_for(short_run)
     rows = trajectory(full)
-    assert [row["gram_mode"] for row in rows] == ["affine", "reuse", "reuse", "affine"]
+    assert [row.get("gram_mode") for row in rows] == [None, "affine", "reuse", "reuse", "affine"]  # 0: eval
+    assert [row["step"] for row in rows if "eval/composite" in row] == [0, 2, 4]
     assert_same_step(full / "checkpoints" / "step-000002", short / "checkpoints" / "step-000002")
 
     crash_copy(full, crashed, 2)
@@ -119,3 +130,4 @@ def test_resumed_processes_continue_bit_for_bit(tmp_path):
     for resumed in (short, crashed):
         assert trajectory(resumed) == rows
         assert_same_step(full / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
+        assert_same_step(full / "checkpoints" / "best", resumed / "checkpoints" / "best")

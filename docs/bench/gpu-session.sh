@@ -3,7 +3,7 @@
 # for a session that is lent a GPU machine (the `device` tool). Run from the repository root:
 #
 #   docs/bench/gpu-session.sh wheels          # here, once: the wheels the GPU image lacks -> .whl/
-#   docs/bench/gpu-session.sh speed|memory|fidelity   # there (carry .whl), one stage per call
+#   docs/bench/gpu-session.sh speed|memory|fidelity|recipe   # there (carry .whl), one stage per call
 #
 # Each stage writes its JSON, PNG and log under $OUT (default runs/bench-gpu) and fits in ~8 min
 # of an H200. The image there has torch (CUDA), transformers, peft, accelerate, pluggy, typer and
@@ -11,7 +11,7 @@
 # image may lack; a wheel of a package it has only shadows it under /tmp/site).
 # Not yet run: no session so far was lent a GPU (docs/benchmarks.md says pending).
 set -euo pipefail
-stage=${1:?usage: gpu-session.sh wheels|speed|memory|fidelity}
+stage=${1:?usage: gpu-session.sh wheels|speed|memory|fidelity|recipe}
 OUT=${OUT:-runs/bench-gpu}
 mkdir -p "$OUT"
 if [ "$stage" = wheels ]; then
@@ -34,5 +34,13 @@ case "$stage" in
   memory)   marble bench memory --policy sd3.5-arch --prompts-per-step 2 --images-per-prompt 4 \
               --timesteps-per-image 2 --out "$OUT" 2>&1 | tee "$OUT/memory.log" ;;
   fidelity) marble bench fidelity --policy sd3.5-arch --fp32-reference --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" ;;
+  # The paper's recipe on SD3.5 Medium's architecture (random weights): every recipe option, the
+  # sampler-grid timesteps, the weight EMA, a 40-step held-out evaluation and the best checkpoint,
+  # 2 steps of a small batch; offline rewards (the recipe's need weights) on the recipe's prompts.
+  recipe)   marble train --config sd35-marble --policy sd3.5-arch --rewards brightness,sharpness \
+              --steps 2 --set prompts_per_step=3 --set images_per_prompt=2 --set timesteps_per_image=4 \
+              --set eval_every=1 --set eval_max_prompts=3 --set checkpoint_every=1 --set sample_every=0 \
+              --no-progress --out "$OUT/recipe" 2>&1 | tee "$OUT/recipe.log"
+            cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
