@@ -51,7 +51,7 @@ def build_config(config_file: Path | None, overrides: dict, reward_opts: list[st
 
 @user_errors
 def train(
-    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig), or a shipped one by name: sd35-marble."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig), or a shipped one by name: sd35-marble, sd35-equal-alpha."),
     rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
     balancer: str | None = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),

@@ -647,14 +647,14 @@ def _config_file(tmp_path: Path) -> Path:
     return path
 
 
-def _single_process_reference(tmp_path: Path, steps: int, monkeypatch):
+def _single_process_reference(tmp_path: Path, steps: int, monkeypatch, **extra):
     """The same config in this process (world size 1): history, initial and final weights."""
     import marble_kit.run as run_module
     from marble_kit.config import TrainConfig
 
     captured: dict = {}
     monkeypatch.setattr(run_module, "Trainer", recording_trainer(captured))
-    config = TrainConfig.from_dict({**SETTINGS, "steps": steps, "out": str(tmp_path / "single")})
+    config = TrainConfig.from_dict({**SETTINGS, **extra, "steps": steps, "out": str(tmp_path / "single")})
     run_module.train(config, progress=False)
     trainer = captured["trainer"]
     return trainer.history, captured["initial"], trainer.policy.state_dict()
@@ -769,12 +769,17 @@ def test_a_reward_error_on_one_rank_ends_the_whole_job(tmp_path):
 def test_zero_sharded_optimizer_matches_one_process_and_checkpoints_the_whole_state(
         tmp_path, probe_registered, monkeypatch):
     """optimizer_sharding="zero": each rank keeps half of AdamW's moments, yet the steps equal a
-    single-process AdamW run and the checkpoint holds every moment (gathered on rank 0)."""
-    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch)
+    single-process AdamW run and the checkpoint holds every moment (gathered on rank 0). With the
+    held-out evaluation every step (3 images split 1 / 2 over the ranks, scores gathered) and the
+    weight EMA: the same numbers as one process, and the best checkpoint (a collective: the
+    sharded state is consolidated) written by rank 0 without a hang."""
+    evaluation = {"eval_every": 1, "eval_max_prompts": 3, "eval_images_per_prompt": 1, "ema_decay": 0.9}
+    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch, **evaluation)
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path)), "--out", str(run_dir),
-                        "--steps", "2", "--set", "optimizer_sharding=zero", "--no-progress"],
+                        "--steps", "2", "--set", "optimizer_sharding=zero", "--no-progress",
+                        *[arg for key, value in evaluation.items() for arg in ("--set", f"{key}={value}")]],
                        env={DUMP_ENV: str(dump)})
     assert done.returncode == 0, output(done)
     dumps = _dumps(dump)
@@ -784,6 +789,15 @@ def test_zero_sharded_optimizer_matches_one_process_and_checkpoints_the_whole_st
     for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
         _assert_same_metrics(actual, expected, f"step {step}")
     _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+    evaluated = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                 for run in (run_dir, tmp_path / "single")]
+    assert [row["step"] for row in evaluated[0]] == [row["step"] for row in evaluated[1]] == [0, 1, 2]
+    for two, one in zip(*evaluated):
+        for key in (k for k in one if k.startswith("eval/") and k != "eval/composite"):
+            assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
+    composites = [row["eval/composite"] for row in evaluated[0]]
+    best = json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())["best"]
+    assert best["step"] == composites.index(max(composites))
 
     from marble_kit.checkpoint import load_checkpoint
 
