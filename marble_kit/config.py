@@ -17,6 +17,7 @@ import tomllib
 from marble_kit.errors import MarbleError
 
 GRAM_MODES = ("affine", "exact", "periodic", "none")
+GRAM_BACKWARDS = ("separate", "stacked")
 LOSS_SPACES = ("x0", "velocity")
 REWARD_SCOPES = ("judged", "all")
 DEFAULT_REWARDS = ["color", "shape", "centering"]
@@ -92,6 +93,9 @@ class TrainConfig:
     gram_rows: float = _f(1.0, "Fraction f of the training rows the per-reward gradients (and the Gram) "
                           "come from, drawn per prompt group; below 1 the update is one more backward "
                           "over all rows with the fresh weights (≈ 1 + 2f passes instead of 2).")
+    gram_backward: str = _f("separate", "How the `affine` Gram's backward passes run: 'separate' (one "
+                            "per cotangent: U, W and the anchor's) or 'stacked' (the rows repeated 2-3× "
+                            "in one forward, ONE backward: fewer kernel launches, 2-3× the activations).")
     reward_scope: str = _f("judged", "Rows each reward's loss averages over: 'judged' (the rows it "
                            "judges, SPEC §1.4) or 'all' (every row; unjudged rows enter with r = 0.5).")
     # outputs
@@ -176,6 +180,8 @@ class TrainConfig:
             raise bad("gram_solver", f"must be affine or exact, got {self.gram_solver!r}")
         if not 0.0 < float(self.gram_rows) <= 1.0:
             raise bad("gram_rows", f"must be in (0, 1], got {self.gram_rows}")
+        if self.gram_backward not in GRAM_BACKWARDS:
+            raise bad("gram_backward", f"must be one of {', '.join(GRAM_BACKWARDS)}, got {self.gram_backward!r}")
         if self.reward_scope not in REWARD_SCOPES:
             raise bad("reward_scope", f"must be one of {', '.join(REWARD_SCOPES)}, got {self.reward_scope!r}")
         if self.loss_space not in LOSS_SPACES:

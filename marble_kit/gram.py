@@ -18,8 +18,10 @@ update (:func:`update_cosines`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +44,12 @@ def flatten(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tenso
     return torch.cat(parts)
 
 
-def write_flat_grad(params: Sequence[Tensor], flat: Tensor, accumulate: bool = False) -> None:
-    """Write a flat gradient into ``p.grad`` (replacing it, or adding when ``accumulate``)."""
+def write_flat_grad(params: Sequence[Tensor], flat: Tensor, accumulate: bool = False,
+                    copy: bool = True) -> None:
+    """Write a flat gradient into ``p.grad`` (replacing it, or adding when ``accumulate``).
+
+    ``copy=False`` makes each replaced ``p.grad`` a view of ``flat`` where the dtypes agree (no
+    per-parameter copy; ``flat`` must not be used afterwards for anything else)."""
     if flat.numel() != flat_size(params):
         raise MarbleError(f"flat gradient has {flat.numel()} entries but the parameters have "
                           f"{flat_size(params)}")
@@ -54,7 +60,7 @@ def write_flat_grad(params: Sequence[Tensor], flat: Tensor, accumulate: bool = F
         if accumulate and p.grad is not None:
             p.grad.add_(piece)
         else:
-            p.grad = piece.clone()
+            p.grad = piece.clone() if copy else piece
 
 
 # ------------------------------------------------------------------------------- exact
@@ -65,8 +71,9 @@ def per_reward_gradients_exact(losses: Sequence[Tensor], params: Sequence[Tensor
         if not loss.requires_grad:
             rows.append(torch.zeros(flat_size(params), dtype=params[0].dtype, device=params[0].device))
             continue
-        grads = torch.autograd.grad(loss, list(params), retain_graph=index < len(losses) - 1,
-                                    allow_unused=True)
+        with torch.profiler.record_function("marble::exact_backward"):
+            grads = torch.autograd.grad(loss, list(params), retain_graph=index < len(losses) - 1,
+                                        allow_unused=True)
         rows.append(flatten(grads, params))
     return torch.stack(rows)
 
@@ -100,12 +107,21 @@ class _CapturedLinear(torch.autograd.Function):
     The input is saved the way ``F.linear`` saves it (so gradient checkpointing recomputes it
     in the backward instead of keeping it), and no weight gradient is formed here: the
     capture contracts the per-sample cotangent with the input at once and lets both go.
+    Under autocast the factor's input and weight are cast once here, to what autocast's
+    ``F.linear`` would multiply, and saved that way: no backward pass casts them again.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, call: _FactorCall) -> Tensor:
+        ctx.input_dtype = x.dtype
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.call = call
+        LoraCapture.calls["forward"] += 1
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -113,7 +129,7 @@ class _CapturedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         ctx.call.capture._accumulate(ctx.call, grad_output, x)
         grad_input = grad_output @ weight.to(grad_output.dtype) if ctx.needs_input_grad[0] else None
-        return (None if grad_input is None else grad_input.to(x.dtype)), None, None, None
+        return (None if grad_input is None else grad_input.to(ctx.input_dtype)), None, None, None
 
 
 @dataclass
@@ -134,10 +150,17 @@ class _FactorCall:
 
 @dataclass
 class _Pass:
-    """One backward pass: per-sample coefficients [J, B] and the [J, P] buffer they fill."""
+    """One backward pass: per-sample coefficients [J, B] (None: one combination, all ones)
+    and the buffer it adds to (:meth:`LoraCapture.buffer`)."""
 
-    coefficients: Tensor
+    coefficients: Tensor | None
     target: Tensor
+    rows: int
+
+    def block(self, slot: tuple[int, int]) -> Tensor:
+        """The [J, numel] block of one parameter: contiguous, so a product adds into it in place."""
+        offset, numel = slot
+        return self.target[self.rows * offset:self.rows * (offset + numel)].view(self.rows, numel)
 
 
 class LoraCapture:
@@ -151,13 +174,22 @@ class LoraCapture:
     Memory: the layer input x lives exactly as long as autograd itself keeps it (with gradient
     checkpointing it is recomputed for the layer's backward and freed after it); what the
     capture adds is the J × (LoRA size) buffers and one layer's per-sample products at a time.
-    Products and buffers are float32 (float64 for float64 inputs) whatever the autocast dtype.
+    Products and buffers are float32 (float64 for float64 inputs) whatever the autocast dtype
+    (half-precision factors are multiplied with float32 accumulation and output where the
+    device has such a product, else upcast first).
+
+    Per factor and pass: two products (per-sample outer products, then every combination of
+    them added into the factor's block of the buffer), no host synchronization (coefficients
+    on an accelerator are checked for NaN once, after the passes: :meth:`verify`).
+    ``LoraCapture.calls`` counts the factor calls of all captures (forward, backward).
 
     peft 0.21 computes ``result + lora_B(lora_A(dropout(x))) * scaling``: the scaling is applied
     outside ``lora_B``, so the cotangent at lora_B's output already carries it; the factor sees
     ``dropout(x)``, the input that A really multiplied. A factor called several times in one
     forward contributes once per call.
     """
+
+    calls: ClassVar[Counter] = Counter()
 
     def __init__(self, module: nn.Module, params: Sequence[Tensor]):
         self.module = module
@@ -166,6 +198,7 @@ class LoraCapture:
         self.batch: int | None = None
         self._pass: _Pass | None = None
         self._factors: list[nn.Linear] = []
+        self._unchecked: list[Tensor] = []  # device flags "coefficients finite", read by verify()
 
     # -- recording the forward ------------------------------------------------------
     def __enter__(self) -> LoraCapture:
@@ -192,55 +225,144 @@ class LoraCapture:
         self._factors = factors
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for factor in self._factors:
             factor.__dict__.pop("forward", None)
         self._factors = []
+        if exc_type is None:
+            self.verify()
+        self._unchecked = []
 
     # -- backward passes --------------------------------------------------------------
+    def buffer(self, rows: int) -> Tensor:
+        """A zero buffer for ``rows`` combinations (J), filled by :meth:`backward_pass` and read
+        by :meth:`read`: each parameter's [J, numel] block lies contiguous in it."""
+        accumulate = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        return torch.zeros(rows * self.size, dtype=accumulate, device=self.params[0].device)
+
+    def read(self, buffer: Tensor, rows: int) -> Tensor:
+        """[J, P] in the dtype of the parameters, flat in the order of ``params``."""
+        if rows == 1:
+            flat = buffer.view(1, -1)
+        else:
+            blocks, offset = [], 0
+            for p in self.params:
+                blocks.append(buffer[rows * offset:rows * (offset + p.numel())].view(rows, -1))
+                offset += p.numel()
+            flat = torch.cat(blocks, dim=1)
+        return flat.to(self.params[0].dtype)
+
     def gradients(self, output: Tensor, cotangent: Tensor, coefficients: Tensor,
                   retain_graph: bool = False) -> Tensor:
         """[J, P]: row j is the gradient of Σ_i coefficients[j, i]·⟨cotangent_i, output_i⟩ with
         respect to the parameters, in the dtype of the parameters, from ONE backward pass."""
+        rows = coefficients.shape[0] if coefficients.ndim == 2 else 0
+        buffer = self.buffer(max(rows, 1))
+        self.backward_pass(output, cotangent, coefficients, buffer, retain_graph=retain_graph)
+        return self.read(buffer, rows)
+
+    def backward_pass(self, output: Tensor, cotangent: Tensor, coefficients: Tensor | None,
+                      buffer: Tensor, retain_graph: bool = False) -> None:
+        """One backward pass adding Σ_i coefficients[j, i]·∇⟨cotangent_i, output_i⟩ for every j
+        into ``buffer`` (from :meth:`buffer`); ``coefficients`` None: one combination of weight 1."""
         batch = output.shape[0]
         if cotangent.shape != output.shape:
             raise MarbleError(f"--gram affine: cotangent {tuple(cotangent.shape)} must have the output's "
                               f"shape {tuple(output.shape)}")
-        if coefficients.ndim != 2 or coefficients.shape[1] != batch:
-            raise MarbleError(f"--gram affine: coefficients must be [J, {batch}], got {tuple(coefficients.shape)}")
-        if not torch.isfinite(coefficients).all():
-            raise MarbleError("--gram affine: per-sample coefficients contain NaN/inf (reward "
-                              "probabilities must be finite; marble_kit.advantages gives r = 0.5 for NaN rewards)")
-        device = self.params[0].device
-        accumulate = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-        target = torch.zeros(coefficients.shape[0], self.size, dtype=accumulate, device=device)
-        self.batch, self._pass = batch, _Pass(coefficients.to(device=device, dtype=accumulate), target)
+        if coefficients is not None:
+            if coefficients.ndim != 2 or coefficients.shape[1] != batch:
+                raise MarbleError(f"--gram affine: coefficients must be [J, {batch}], got "
+                                  f"{tuple(coefficients.shape)}")
+            self._check_finite(coefficients)
+            coefficients = coefficients.to(device=buffer.device, dtype=buffer.dtype)
+        rows = 1 if coefficients is None else coefficients.shape[0]
+        if buffer.numel() != rows * self.size:
+            raise MarbleError(f"--gram affine: the buffer holds {buffer.numel()} entries, not {rows} × {self.size}")
+        self.batch, self._pass = batch, _Pass(coefficients, buffer, rows)
         try:
-            torch.autograd.grad(output, self.params, grad_outputs=cotangent.to(output.dtype),
-                                retain_graph=retain_graph, allow_unused=True)
+            with torch.profiler.record_function("marble::capture_backward"):
+                torch.autograd.grad(output, self.params, grad_outputs=cotangent.to(output.dtype),
+                                    retain_graph=retain_graph, allow_unused=True)
         finally:
             self._pass = None
-        return target.to(self.params[0].dtype)
+
+    def _check_finite(self, coefficients: Tensor) -> None:
+        if coefficients.device.type == "cpu":
+            if not torch.isfinite(coefficients).all():
+                raise MarbleError(NONFINITE_COEFFICIENTS)
+        else:  # reading it now would wait for the device: verify() reads it after the passes
+            self._unchecked.append(torch.isfinite(coefficients).all())
+
+    def verify(self) -> None:
+        """Raise if coefficients of a pass on an accelerator were not finite (one host read)."""
+        flags, self._unchecked = self._unchecked, []
+        if flags and not bool(torch.stack(flags).all()):
+            raise MarbleError(NONFINITE_COEFFICIENTS)
 
     def _accumulate(self, call: _FactorCall, grad_output: Tensor, inputs: Tensor) -> None:
         current = self._pass
         if current is None or (call.weight_slot is None and call.bias_slot is None):
             return  # a backward outside `gradients` (or a frozen factor): nothing to record
+        LoraCapture.calls["backward"] += 1
         dtype = current.target.dtype
-        delta = _per_sample_rows(grad_output.to(dtype), self.batch, call.where)
+        delta = _per_sample_rows(grad_output, self.batch, call.where)
         coefficients = current.coefficients
         if call.weight_slot is not None:
-            offset, numel = call.weight_slot
-            x = _per_sample_rows(inputs.detach().to(dtype), self.batch, call.where)
-            if coefficients.shape[0] == 1:  # one combination: weight the rows, one matmul
-                weighted = delta * coefficients[0].view(-1, 1, 1)
-                grad = torch.einsum("bto,bti->oi", weighted, x).reshape(1, -1)
+            x = _per_sample_rows(inputs.detach(), self.batch, call.where)
+            block = current.block(call.weight_slot)
+            out_features, in_features = call.module.weight.shape
+            if coefficients is None:  # one combination of weight 1: a single product over all rows
+                block.view(out_features, in_features).addmm_(
+                    *_upcast(delta.reshape(-1, out_features).T, x.reshape(-1, in_features), dtype))
+            elif coefficients.shape[0] == 1:  # one combination: weight the rows, one product
+                weighted = delta.to(dtype) * coefficients[0].view(-1, 1, 1)
+                block.view(out_features, in_features).addmm_(
+                    weighted.reshape(-1, out_features).T, x.reshape(-1, in_features).to(dtype))
             else:  # per-sample outer products, then every combination of them at once
-                grad = coefficients @ torch.einsum("bto,bti->boi", delta, x).reshape(self.batch, -1)
-            current.target[:, offset:offset + numel] += grad
+                outer = _products(delta.transpose(1, 2), x, dtype)
+                block.addmm_(coefficients, outer.reshape(self.batch, -1))
         if call.bias_slot is not None:
-            offset, numel = call.bias_slot
-            current.target[:, offset:offset + numel] += coefficients @ delta.sum(1)
+            sums = delta.to(dtype).sum(1)
+            block = current.block(call.bias_slot)
+            if coefficients is None:
+                block.add_(sums.sum(0, keepdim=True))
+            else:
+                block.addmm_(coefficients, sums)
+
+
+NONFINITE_COEFFICIENTS = ("--gram affine: per-sample coefficients contain NaN/inf (reward probabilities must be "
+                          "finite; marble_kit.advantages gives r = 0.5 for NaN rewards)")
+# (device type, dtype) -> whether torch's matrix products take out_dtype there (CUDA, torch >= 2.9)
+_OUT_DTYPE_PRODUCTS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _has_out_dtype_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm``/``torch.mm`` multiply half-precision ``dtype`` into float32 on
+    ``device`` (checked once against the upcast product)."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_PRODUCTS:
+        try:
+            a = torch.arange(6, device=device).reshape(1, 2, 3).to(dtype)
+            b = torch.arange(3, device=device).reshape(1, 3, 1).to(dtype)
+            product = torch.bmm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_PRODUCTS[key] = bool(product.dtype == torch.float32 and torch.equal(
+                product, torch.bmm(a.float(), b.float())))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_PRODUCTS[key] = False
+    return _OUT_DTYPE_PRODUCTS[key]
+
+
+def _upcast(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return a.to(dtype), b.to(dtype)
+
+
+def _products(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """Batched a @ b in ``dtype`` (float32/64): half-precision operands multiplied with float32
+    output where the device can (no upcast copies), else upcast first — the same products."""
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32 \
+            and _has_out_dtype_products(a.device, a.dtype):
+        return torch.bmm(a, b, out_dtype=dtype)
+    return torch.bmm(a.to(dtype), b.to(dtype))
 
 
 def _captured_forward(call: _FactorCall):
@@ -299,18 +421,60 @@ def per_reward_gradients_affine(output: Tensor, U: Tensor, W: Tensor, coef_u: Te
         (grads [K, P], extra_grad [P] or None), in the dtype of the parameters, flat in the
         order of ``capture.params``.
     """
+    _check_affine_inputs(output, U, W, coef_u, coef_w)
+    buffers = capture.buffer(coef_u.shape[0]), capture.buffer(coef_u.shape[0])
+    capture.backward_pass(output, U, coef_u, buffers[0], retain_graph=True)
+    capture.backward_pass(output, W, coef_w, buffers[1], retain_graph=retain_graph or extra is not None)
+    anchor = None
+    if extra is not None:
+        anchor_buffer = capture.buffer(1)
+        capture.backward_pass(output, extra, None, anchor_buffer, retain_graph=retain_graph)
+        anchor = capture.read(anchor_buffer, 1)[0]
+    capture.verify()
+    # (one buffer per pass, added once: a product added into a partly filled buffer rounds differently)
+    return capture.read(buffers[0], coef_u.shape[0]) + capture.read(buffers[1], coef_u.shape[0]), anchor
+
+
+def per_reward_gradients_affine_stacked(output: Tensor, U: Tensor, W: Tensor, coef_u: Tensor, coef_w: Tensor,
+                                        capture: LoraCapture, extra: Tensor | None = None,
+                                        retain_graph: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`per_reward_gradients_affine` from ONE backward pass over a stacked forward.
+
+    ``output`` is the policy output of the rows repeated m times (m = 2, or 3 with ``extra``),
+    [m·B, …]: copy 1 takes the cotangent U, copy 2 W, copy 3 the anchor's. Samples do not mix,
+    so each copy's per-sample cotangents arrive at the LoRA factors apart and one coefficient
+    matrix [K (+1), m·B] — [coef_u, coef_w, 0] per reward, [0, 0, 1] for the anchor — gives
+    the same gradients as the separate passes (the forward costs m× the rows, the backward
+    passes' fixed costs are paid once). ``U``, ``W``, ``extra`` are [B, …] like copy 1.
+    """
+    copies = 2 if extra is None else 3
+    rows = U.shape[0]
+    if output.shape[0] != copies * rows or output.shape[1:] != U.shape[1:]:
+        raise MarbleError(f"--gram affine: a stacked output must hold {copies} copies of the "
+                          f"{tuple(U.shape)} rows, got {tuple(output.shape)}")
+    _check_affine_inputs(output[:rows], U, W, coef_u, coef_w)
+    num_rewards = coef_u.shape[0]
+    coefficients = torch.zeros(num_rewards + (extra is not None), copies * rows, dtype=torch.float64,
+                               device=coef_u.device)
+    coefficients[:num_rewards, :rows] = coef_u
+    coefficients[:num_rewards, rows:2 * rows] = coef_w
+    parts = [U, W]
+    if extra is not None:
+        coefficients[num_rewards, 2 * rows:] = 1.0
+        parts.append(extra)
+    buffer = capture.buffer(coefficients.shape[0])
+    capture.backward_pass(output, torch.cat(parts), coefficients, buffer, retain_graph=retain_graph)
+    capture.verify()
+    grads = capture.read(buffer, coefficients.shape[0])
+    return grads[:num_rewards], (grads[num_rewards] if extra is not None else None)
+
+
+def _check_affine_inputs(output: Tensor, U: Tensor, W: Tensor, coef_u: Tensor, coef_w: Tensor) -> None:
     if U.shape != output.shape or W.shape != output.shape:
         raise MarbleError(f"--gram affine: cotangents U {tuple(U.shape)} and W {tuple(W.shape)} must "
                           f"have the output's shape {tuple(output.shape)}")
     if coef_u.shape != coef_w.shape:
         raise MarbleError(f"--gram affine: coefficient shapes differ: {tuple(coef_u.shape)} vs {tuple(coef_w.shape)}")
-    last = extra is None
-    grads = capture.gradients(output, U, coef_u, retain_graph=True)
-    grads = grads + capture.gradients(output, W, coef_w, retain_graph=retain_graph or not last)
-    if extra is None:
-        return grads, None
-    ones = torch.ones(1, output.shape[0], dtype=torch.float64, device=output.device)
-    return grads, capture.gradients(output, extra, ones, retain_graph=retain_graph)[0]
 
 
 # ---------------------------------------------------------------------- optimizer metric

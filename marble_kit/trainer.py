@@ -200,6 +200,7 @@ class Trainer:
         self.step_count = 0
         self.judgement: RowJudgement | None = None  # this step's, for diagnostics
         self._rows, self._passes = 1, 0.0             # training rows and backward passes of the step
+        self.phase_hook: Any = None  # called with "gradient_step:start"/":end" (benchmarks)
         self.loss_weights: torch.Tensor | None = None  # reused between periodic solves
         # Per reward: steps in which it took no part in balancing (a metric, checkpointed) and
         # the current streaks behind the one-line warnings (not state: they only warn).
@@ -263,10 +264,16 @@ class Trainer:
             return self.config.gram_solver if solve else "reuse"
         return "affine" if mode == "none" else mode  # `none` with a Gram-hungry balancer
 
-    def _clock(self) -> float:
-        """Wall time for the step timings; waits for queued GPU work so each phase owns its time."""
+    def _clock(self, boundary: str | None = None) -> Any:
+        """A time mark for the step timings: on the CPU the wall clock; on a GPU a CUDA event
+        recorded on the current stream (no synchronization: the host keeps queueing work and the
+        difference of two marks is the GPU time between them, read once the step is done). A
+        named ``boundary`` ("gradient_step:start", "gradient_step:end") is reported to
+        ``phase_hook`` first (the memory bench resets and reads the GPU's peak there)."""
+        if boundary is not None and self.phase_hook is not None:
+            self.phase_hook(boundary)
         if self.policy.device.type == "cuda":
-            torch.cuda.synchronize(self.policy.device)
+            return _DeviceMark(self.policy.device)
         return time.perf_counter()
 
     def old_decay(self, step: int) -> float:
@@ -494,9 +501,15 @@ class Trainer:
         return loss_fn(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl], r_row,
                        self.config.beta)
 
-    def _forward(self, batch: TrainBatch, sl: slice):
-        cond = batch.cond.index(torch.arange(sl.start, sl.stop))
-        return self.policy.velocity(batch.x_t[sl], batch.t[sl], cond)
+    def _forward(self, batch: TrainBatch, sl: slice, copies: int = 1):
+        """v_θ of the rows ``sl`` (repeated ``copies`` times: the stacked `affine` passes)."""
+        rows = torch.arange(sl.start, sl.stop)
+        x_t, t = batch.x_t[sl], batch.t[sl]
+        if copies > 1:
+            rows, t = rows.repeat(copies), t.repeat(copies)
+            x_t = x_t.repeat(copies, *([1] * (x_t.ndim - 1)))
+        with torch.profiler.record_function("marble::forward"):
+            return self.policy.velocity(x_t, t, batch.cond.index(rows))
 
     def _anchor(self, v, batch: TrainBatch, sl: slice, n: int) -> torch.Tensor:
         if batch.v_ref is None:
@@ -510,10 +523,15 @@ class Trainer:
         from a third (when there is an anchor and ``anchor`` is asked for)."""
         n = batch.x0.shape[0]
 
+        with_anchor = anchor and batch.v_ref is not None
+        stacked = self.config.gram_backward == "stacked"
+        copies = 2 + with_anchor if stacked else 1
+
         def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             # The capture stays on through the backward passes: a checkpointed forward is replayed there.
             with gram_ops.LoraCapture(self.policy.trainable_module(), self.params) as capture:
-                v = self._forward(batch, sl)
+                output = self._forward(batch, sl, copies)
+                v = output[:sl.stop - sl.start] if stacked else output
                 # ∂ℓ_k(i)/∂v_i = U_i + r_k(i)·W_i per row; L_k weighs row i by coef_ki (SPEC §1.5).
                 if self.config.loss_space == "x0":
                     U, W = nft_cotangents(v, batch.v_old[sl], batch.x_t[sl], batch.x0[sl], batch.t[sl],
@@ -523,10 +541,11 @@ class Trainer:
                         lambda out, r: self._loss_per_row(out, batch, sl, r).sum(), v)
                 coef = batch.coef[:, sl]
                 extra = (self.config.kl * anchor_cotangent(v, batch.v_ref[sl], num_samples=n)
-                         if anchor and batch.v_ref is not None else None)
+                         if with_anchor else None)
                 self._count_passes(2 + (extra is not None), sl)
-                return gram_ops.per_reward_gradients_affine(v, U, W, coef, coef * batch.r[:, sl].double(),
-                                                            capture, extra=extra)
+                gradients = (gram_ops.per_reward_gradients_affine_stacked if stacked
+                             else gram_ops.per_reward_gradients_affine)
+                return gradients(output, U, W, coef, coef * batch.r[:, sl].double(), capture, extra=extra)
 
         return self._sum_over_micro_batches(n, micro_batch)
 
@@ -574,18 +593,24 @@ class Trainer:
             v = self._forward(batch, sl)
             policy = (c[sl].to(v.dtype) * self._loss_per_row(v, batch, sl, r_eff[sl].to(v.dtype))).sum()
             self._count_passes(1, sl)
-            (policy + self._anchor(v, batch, sl, n)).backward()
+            with torch.profiler.record_function("marble::backward"):
+                (policy + self._anchor(v, batch, sl, n)).backward()
 
     def _count_passes(self, count: int, rows: slice) -> None:
         """Backward passes of this step, in whole-batch units (a micro-batch counts its share)."""
         self._passes += count * (rows.stop - rows.start) / self._rows
 
-    def _active(self, candidates: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def _active(self, candidates: torch.Tensor, grads: torch.Tensor,
+                gram: torch.Tensor | None = None) -> torch.Tensor:
         """[K] bool: rewards that take part in balancing — a preference in the rows the gradients
-        came from, a finite gradient, and one above round-off of the largest (SPEC §1.4)."""
-        finite = torch.isfinite(grads).all(dim=1).cpu()
-        norms = torch.where(finite.to(grads.device), grads.double().norm(dim=1),
-                            torch.zeros((), dtype=torch.float64, device=grads.device)).cpu()
+        came from, a finite gradient, and one above round-off of the largest (SPEC §1.4). The
+        norms are √G_kk of the float64 Gram (``gram``, else computed here); one device read."""
+        gram = gram_ops.gram_matrix(grads) if gram is None else gram
+        finite = torch.isfinite(grads).all(dim=1)
+        norms = torch.where(finite, torch.diagonal(gram).clamp_min(0.0).sqrt(),
+                            torch.zeros((), dtype=torch.float64, device=grads.device))
+        norms, finite = torch.stack([norms, finite.double()]).cpu()
+        finite = finite.bool()
         # Round-off scales with the gradients computed alongside, whether or not they are balanced.
         largest = float(norms[finite].max()) if finite.any() else 0.0
         dtype = getattr(self.policy, "autocast_dtype", None) or self.params[0].dtype
@@ -636,7 +661,7 @@ class Trainer:
         #    reward's loss over the rows it judges (SPEC §1.4).
         batch = self._fold_timesteps(rollout, r, judgement)
         self._rows, self._passes = batch.x0.shape[0], 0.0
-        gradient_clock = self._clock()  # time/gradient_step: gradients, balancing, optimizer
+        gradient_clock = self._clock("gradient_step:start")  # time/gradient_step: gradients, balancing, optimizer
 
         # 5-7. Per-reward gradients, Gram, balancer, one fused update (SPEC §1.5-1.7).
         self.optimizer.zero_grad(set_to_none=True)
@@ -653,7 +678,7 @@ class Trainer:
             # Global gradients: reduce the K gradient vectors, not per-rank Grams (SPEC §1.6).
             grads, anchor = self.dist.all_reduce_mean(grads), self.dist.all_reduce_mean(anchor)
             gram = gram_ops.gram_matrix(grads)
-            active = self._active(gram_batch.candidates, grads)
+            active = self._active(gram_batch.candidates, grads, gram)
             weights = self._balance(self._solve_gram(gram, grads, anchor, active), step, active)
             # Every rank solved the same QP; rank 0's answer makes λ bitwise equal everywhere.
             weights = self.dist.broadcast_from_main(weights)
@@ -663,7 +688,7 @@ class Trainer:
             else:  # the fused gradient is Σ w_k g_k of the same two passes: no third backward
                 keep = active.to(grads.device)
                 fused = weights.to(grads)[keep] @ grads[keep]
-                gram_ops.write_flat_grad(self.params, fused + anchor)
+                gram_ops.write_flat_grad(self.params, fused + anchor, copy=False)
             metrics.update(self._gradient_diagnostics(gram, weights, active))
         else:
             grads = None
@@ -680,13 +705,13 @@ class Trainer:
         if mode != "reuse":  # periodic mode reuses the weights of its last solve
             self.loss_weights = weights
 
-        before = [p.detach().clone() for p in self.params] if grads is not None else None
+        before = _flat(self.params) if grads is not None else None
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.clip_threshold) if cfg.grad_clip > 0
                      else torch.sqrt(sum(p.grad.pow(2).sum() for p in self.params if p.grad is not None)))
         self.optimizer.step()
-        timings["time/gradient_step"] = self._clock() - gradient_clock
+        timings["time/gradient_step"] = self._clock("gradient_step:end") - gradient_clock
         if before is not None:
-            delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
+            delta = _flat(self.params) - before
             cos_update = gram_ops.update_cosines(grads, -delta.to(grads))
             for name, value in zip(self.reward_names, cos_update.tolist()):
                 metrics[f"cos_update/{name}"] = value
@@ -716,7 +741,7 @@ class Trainer:
             metrics.update(self._activity(active, judgement))
         if mode != "reuse":  # between periodic solves the balancer did not run: no stale metrics
             metrics.update({key: float(v) for key, v in getattr(self.balancer, "metrics", {}).items()})
-        metrics.update(timings)
+        metrics.update({key: float(value) for key, value in timings.items()})  # (GPU: waits for the step)
         return metrics
 
     def _activity(self, active: torch.Tensor, judgement: RowJudgement) -> dict[str, float]:
@@ -793,3 +818,31 @@ def _worst(cosines: torch.Tensor, active: torch.Tensor | None) -> float:
     """The smallest cosine among the active rewards (NaN when none is active)."""
     values = cosines if active is None else cosines[active.to(cosines.device)]
     return float(values.min()) if values.numel() else float("nan")
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters' values as one flat vector (one copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class _DeviceMark:
+    """A CUDA event on the current stream; ``later - earlier`` is an :class:`_Elapsed`."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record(torch.cuda.current_stream(device))
+
+    def __sub__(self, earlier: _DeviceMark) -> _Elapsed:
+        return _Elapsed(earlier.event, self.event)
+
+
+@dataclass
+class _Elapsed:
+    """GPU seconds between two recorded events; ``float()`` waits for the later one."""
+
+    start: Any
+    end: Any
+
+    def __float__(self) -> float:
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
