@@ -140,15 +140,29 @@ def _machine_line(report: dict) -> str:
 
 def _print_targets(targets: list[dict], label: str = "target") -> None:
     table = Table(title="Targets")
-    for column in (label, "measured", "met"):
+    intervals = any(target.get("interval") for target in targets)
+    for column in (label, "measured", *(["95 % interval"] if intervals else []), "met"):
         table.add_column(column)
     for target in targets:
         value = target["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else (", ".join(value) or "none"
                                                                  if isinstance(value, list) else str(value))
         name = f"{target['method']}: {target['target']}" if "method" in target else target["target"]
-        table.add_row(name, shown, "[green]yes[/]" if target["met"] else "[red]no[/]")
+        met = "[green]yes[/]" if target["met"] else "[red]no[/]"
+        if target.get("decided") is False:
+            met += " (interval straddles)"
+        interval = target.get("interval")
+        cells = [f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "–"] if intervals else []
+        table.add_row(name, shown, *cells, met)
     console.print(table)
+
+
+def _ratio_cell(row: dict, key: str) -> str:
+    lower, upper = row.get(f"ci_speed_{key}") or (float("nan"), float("nan"))
+    value = row[f"speed_{key}"]
+    if lower == lower and upper == upper:  # not NaN
+        return f"{value:.3f}× [{lower:.3f}, {upper:.3f}]"
+    return f"{value:.3f}×"
 
 
 @bench_app.command("speed")
@@ -157,7 +171,16 @@ def speed(
     policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
     device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
     policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Measured steps per variant (default 40; 10 for sd3.5-arch)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="At most this many measured steps per variant "
+                                      "(default 60; 80 for sd3.5-arch)."),
+    min_rounds: int | None = typer.Option(None, "--min-rounds", help="At least this many (default 20; 10 for "
+                                          "sd3.5-arch), then stop once periodic's interval is within the target."),
+    target_halfwidth: float | None = typer.Option(None, "--target-halfwidth", help="Stop when the 95 % interval "
+                                                  "of periodic's whole-step ratio is within ± this (default 0.01; 0: "
+                                                  "always --rounds)."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Add no round after this long (default: no limit)."),
+    variants: str | None = typer.Option(None, "--variants", help="Comma-separated variants (default the six; "
+                                        "also marble-affine-stacked, marble-rows-stacked)."),
     warmup: int = typer.Option(2, "--warmup", help="Unmeasured rounds first."),
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (same for all variants)."),
     images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
@@ -180,13 +203,23 @@ def speed(
         sd35_arch_settings,
     )
 
-    overrides = {"rounds": rounds, "warmup": warmup, "prompts_per_step": prompts_per_step,
+    overrides = {"rounds": rounds, "min_rounds": min_rounds, "warmup": warmup, "prompts_per_step": prompts_per_step,
                  "images_per_prompt": images_per_prompt, "timesteps_per_image": timesteps_per_image,
                  "sample_steps": sample_steps}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for name, value in overrides.items():
         if value < (0 if name == "warmup" else 1):
             raise MarbleError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'warmup' else 1} (got {value})")
+    if target_halfwidth is not None:
+        if not target_halfwidth >= 0:
+            raise MarbleError(f"--target-halfwidth must be ≥ 0 (got {target_halfwidth})")
+        overrides["target_halfwidth"] = target_halfwidth
+    if max_minutes is not None:
+        if not max_minutes > 0:
+            raise MarbleError(f"--max-minutes must be > 0 (got {max_minutes})")
+        overrides["max_seconds"] = 60.0 * max_minutes
+    if variants is not None:
+        overrides["variants"] = split_names(variants)
     if kl is not None:
         if not kl >= 0:
             raise MarbleError(f"--kl must be ≥ 0 (got {kl})")
@@ -198,8 +231,8 @@ def speed(
     settings.policy_options = ensure_device(options, policy)
     if scoring_rounds is None:
         scoring_rounds = 5 if policy == "tiny-sd3" else 0
-    err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.rounds} rounds × 6 variants",
-                      highlight=False)
+    err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.min_rounds}–{settings.rounds} "
+                      f"rounds × {len(settings.variants)} variants", highlight=False)
     report = run_speed_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
     json_path, plot_path = _write_outputs(report, out, "speed", plot_speed)
     if json_output:
@@ -210,15 +243,16 @@ def speed(
     table = Table(title=f"Time per training step (median s) — {_machine_line(report)}", box=box.SIMPLE_HEAD,
                   show_edge=False, collapse_padding=True)
     table.add_column("variant", no_wrap=True)
-    for column in ("step", "rollout", "rewards", "update", "grad step", "× step", "× step − rewards",
-                   "× update", "× grad step", "peak MiB"):
+    for column in ("step", "rollout", "rewards", "update", "grad step", "× step", "× step − rollout",
+                   "× grad step", "peak MiB"):
         table.add_column(column, justify="right")
-    table.caption = "seconds (median), then speed vs (a) on the same clock, then peak memory"
+    stopping = report["stopping"]
+    table.caption = (f"seconds (median, {report['clock']}), then speed vs (a) with its 95 % bootstrap interval "
+                     f"over {stopping['rounds']} rounds (stopped: {stopping['reason']}), then peak memory")
     for row in report["rows"]:
         table.add_row(row["label"], *(f"{row[f'median_{k}_s']:.3f}" for k in
                                       ("step", "rollout", "rewards", "update", "gradient_step")),
-                      *(f"{row[f'speed_{k}']:.2f}×" for k in
-                        ("step", "step_without_rewards", "update", "gradient_step")),
+                      *(_ratio_cell(row, k) for k in ("step", "step_without_rollout", "gradient_step")),
                       f"{row['peak_memory_mb']:.0f}")
     console.print(table)
     _print_targets(report["targets"])
@@ -249,6 +283,91 @@ def _scoring_section(policy: str, policy_options: dict, rounds: int, out: Path, 
                      "machine, shared with other work: ratios, not absolute times); expected: from the sequential phases")
     console.print(table)
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
+
+
+@bench_app.command("counts")
+@user_errors
+def counts(
+    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
+    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
+    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    variants: str | None = typer.Option(None, "--variants", help="Comma-separated variants of `bench speed` "
+                                        "(default: all six; on sd3.5-arch profile one per call, ~1 min each)."),
+    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step."),
+    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
+    timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
+    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for counts.json."),
+):
+    """Operators, kernel launches, casts, host syncs, capture hook calls and rows per phase and
+    per pass of one training step per variant (torch.profiler: counts, not timings)."""
+    from marble_cli.train_cmd import _single_plugin_options
+    from marble_kit.bench.common import write_report
+    from marble_kit.bench.counts import PASS_PHASES, PHASES, check_count_targets, run_counts_benchmark
+    from marble_kit.bench.speed import SpeedSettings, ensure_device, sd35_arch_settings
+
+    overrides = {"prompts_per_step": prompts_per_step, "images_per_prompt": images_per_prompt,
+                 "timesteps_per_image": timesteps_per_image, "sample_steps": sample_steps}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in overrides.items():
+        if value < 1:
+            raise MarbleError(f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
+    base = {"rounds": 1, "warmup": 0, "min_rounds": 1}
+    settings = (sd35_arch_settings(**base, **overrides) if policy == "sd3.5-arch"
+                else SpeedSettings(policy=policy, **base, **overrides))
+    options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
+    if device is not None:
+        options["device"] = device
+    settings.policy_options = ensure_device(options, policy)
+    chosen = split_names(variants) if variants else None
+    err_console.print(f"marble bench counts: {policy}, one profiled step per variant", highlight=False)
+    report = run_counts_benchmark(settings, chosen, on_variant=lambda name: err_console.print(f"  {name}", highlight=False))
+    report["targets"] = check_count_targets(report)
+    json_path = write_report(report, out / "counts.json")
+    if json_output:
+        print_json(report)
+        return
+    gpu = report["machine"].get("gpu")
+    launches = "kernels launched" if gpu else "launching ops"
+    syncs = "host syncs" if gpu else "value reads"
+    table = Table(title=f"One training step, per phase — {_machine_line(report)}", box=box.SIMPLE_HEAD)
+    for column in ("variant", "phase", "passes", "ops", launches, "casts", syncs, "rows"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        for phase in PHASES:
+            values = row["phases"].get(phase)
+            if values:
+                table.add_row(row["variant"], phase, str(values.get("calls", "–")), str(values.get("ops", 0)),
+                              str(values.get("launches", 0)), str(values.get("casts", 0)),
+                              str(values.get("syncs", 0)), str(values.get("rows", 0) or ""))
+        totals = row["totals"]
+        kernels = f" (device kernels {row['device_kernels']})" if row["device_kernels"] is not None else ""
+        table.add_row(row["variant"], f"step{kernels}", "", str(totals.get("ops", 0)), str(totals.get("launches", 0)),
+                      str(totals.get("casts", 0)), str(totals.get("syncs", 0)), str(totals.get("rows", 0)),
+                      end_section=True)
+    table.caption = (f"{launches}: " + ("CUDA launch and copy calls" if gpu else "top-level operators that "
+                     "compute (views and metadata left out)") + f"; {syncs}: " + ("CUDA synchronize calls" if gpu
+                     else ".item()/float()/nonzero/bool() of tensors (host syncs if on a GPU)") +
+                     "; rows: training rows through the transformer's first block")
+    console.print(table)
+    passes = Table(title="Per pass (gradient step)", box=box.SIMPLE_HEAD)
+    for column in ("variant", "pass", "passes", "ops", launches, "casts", syncs, "rows", "capture calls"):
+        passes.add_column(column, justify="right")
+    for row in report["rows"]:
+        for phase in PASS_PHASES:
+            values = row["per_pass"].get(phase)
+            if values:
+                hooks = row["capture_calls"]
+                calls = f"{hooks['forward']} + {hooks['backward']}" if phase == "capture backward" else ""
+                passes.add_row(row["variant"], phase, str(values["passes"]),
+                               *(f"{values.get(k, 0):.0f}" for k in ("ops", "launches", "casts", "syncs", "rows")),
+                               calls)
+    passes.caption = "capture calls: the LoRA factor hooks' Python calls in the step (forward + backward)"
+    console.print(passes)
+    if report["targets"]:
+        _print_targets(report["targets"])
+    console.print(f"wrote {json_path}", highlight=False)
 
 
 @bench_app.command("memory")
@@ -289,10 +408,13 @@ def memory(
         print_json(report)
         return
     table = Table(title=f"Peak memory — {_machine_line(report)}")
-    for column in ("variant", report["rows"][0]["kind"] + " MiB", "× single"):
+    for column in ("variant", report["rows"][0]["kind"] + " MiB", "× single",
+                   "gradient phase MiB", "× single"):
         table.add_column(column, justify="right")
     for row in report["rows"]:
-        table.add_row(row["label"], f"{row['peak_mb']:.0f}", f"{row['vs_single']:.2f}×")
+        table.add_row(row["label"], f"{row['peak_mb']:.0f}", f"{row['vs_single']:.2f}×",
+                      f"{row['gradient_peak_mb']:.0f}", f"{row['gradient_vs_single']:.2f}×")
+    table.caption = f"gradient phase: {report['rows'][0]['gradient_kind']}"
     console.print(table)
     _print_targets(report["targets"])
     console.print(f"wrote {json_path}", highlight=False)

@@ -17,6 +17,7 @@ Optional (the trainer asks with ``getattr`` and says what is missing when a conf
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,3 +124,93 @@ def has_cross_sample_ops(module: nn.Module) -> str | None:
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats is False:
             return name or type(layer).__name__
     return None
+
+
+# ---------------------------------------------------------------- execution helpers (diffusers + peft)
+_LORA_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its peft layers
+
+
+@contextmanager
+def lora_inputs_uncast(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """peft's LoRA layers without their cast of the input to the LoRA weights' dtype.
+
+    peft casts a layer's input to the dtype of its LoRA weights (float32 here) before ``lora_A``;
+    under autocast ``F.linear`` casts it straight back to the autocast dtype — two copies of
+    every LoRA layer's input in the forward and two of its gradient in the backward, and the
+    values are the same without them (bf16 → fp32 → bf16 is exact). Use it with autocast on
+    (``enabled``); without autocast the input already has the LoRA dtype and peft casts nothing.
+    """
+    if not enabled:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if module not in _LORA_LAYERS:
+        _LORA_LAYERS[module] = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = _LORA_LAYERS[module]
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.cast_input_dtype_enabled = value
+
+
+class AutoCheckpointing:
+    """``gradient_checkpointing = "auto"``: per training forward, keep the activations when they
+    fit, else recompute them in the backward (diffusers' checkpointing).
+
+    On a GPU the first call measures what one row's activations take (a forward of one row
+    without checkpointing, its graph dropped at once) and each call then keeps the activations
+    of its ``rows`` when rows × that × ``margin`` (the backward's own temporaries) fits in
+    ``fraction`` of the memory free to the allocator (the device's free memory plus what the
+    allocator caches unused). On the CPU there is no allocator to ask: activations are kept.
+    ``decisions`` counts the calls per choice ("kept", "checkpointed").
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, fraction: float = 0.8, margin: float = 1.5):
+        self.module = module
+        self.device = torch.device(device)
+        self.fraction, self.margin = fraction, margin
+        self.row_bytes: float | None = None
+        self.decisions = {"kept": 0, "checkpointed": 0}
+        self._flags = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+        if not self._flags:
+            raise ValueError(f"{type(module).__name__} has no gradient checkpointing to switch")
+        module.enable_gradient_checkpointing()  # installs diffusers' checkpoint function
+
+    def keep(self, rows: int, probe) -> bool:
+        """Whether a forward of ``rows`` rows keeps its activations; ``probe()`` runs a one-row
+        forward with grad (called once, on a GPU, to measure a row)."""
+        if self.device.type != "cuda":
+            return True
+        if self.row_bytes is None:
+            with self.switched(False):
+                torch.cuda.synchronize(self.device)
+                before = torch.cuda.memory_allocated(self.device)
+                output = probe()
+                self.row_bytes = float(max(torch.cuda.memory_allocated(self.device) - before, 1))
+                del output
+        free, _total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return rows * self.row_bytes * self.margin <= self.fraction * (free + cached)
+
+    @contextmanager
+    def switched(self, checkpointing: bool) -> Iterator[None]:
+        before = [m.gradient_checkpointing for m in self._flags]
+        for m in self._flags:
+            m.gradient_checkpointing = checkpointing
+        try:
+            yield
+        finally:
+            for m, value in zip(self._flags, before):
+                m.gradient_checkpointing = value
+
+    @contextmanager
+    def __call__(self, rows: int, probe) -> Iterator[None]:
+        keep = self.keep(rows, probe)
+        self.decisions["kept" if keep else "checkpointed"] += 1
+        with self.switched(not keep):
+            yield

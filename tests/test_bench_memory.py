@@ -17,19 +17,46 @@ def test_a_variant_trains_in_its_own_process_and_reports_its_peak():
     measured = run_variant(MemorySettings(**SMALL), variant)
     assert measured["device"] == "cpu" and measured["kind"] == "peak RSS growth"
     assert measured["peak_mb"] > 0 and measured["fingerprint"]
+    assert 0 <= measured["gradient_peak_mb"] <= measured["peak_mb"] + 1.0
+
+
+def test_phase_peaks_split_the_gradient_phase_from_the_rest(monkeypatch):
+    """The CPU probe: the gradient phase's peak is its own HWM minus the RSS at its start; the
+    whole step's peak is the highest HWM read before, at the end of and after the phase."""
+    import torch
+
+    readings = iter([("VmHWM", 500.0), ("VmRSS", 300.0), ("VmHWM", 420.0), ("VmHWM", 350.0)])
+
+    def rss(key):
+        expected, value = next(readings)
+        assert key == expected
+        return value
+
+    monkeypatch.setattr(memory, "_rss_mb", rss)
+    monkeypatch.setattr(memory, "reset_peak_memory", lambda device: None)
+    peaks = memory.PhasePeaks(torch.device("cpu"))
+    peaks("gradient_step:start")
+    peaks("gradient_step:end")
+    peaks("rollout")  # other boundaries are ignored
+    assert peaks.gradient == 120.0 and peaks.whole() == 500.0
 
 
 def test_the_report_divides_by_the_single_reward_peak_and_checks_the_target(monkeypatch):
     peaks = {"single": 200.0, "marble-affine": 260.0, "marble-rows": 210.0, "marble-exact": 300.0}
+    gradient = {"single": 40.0, "marble-affine": 44.0, "marble-rows": 40.0, "marble-exact": 80.0}
     monkeypatch.setattr(memory, "run_variant", lambda settings, variant: {
-        "device": "cpu", "kind": "peak RSS growth", "peak_mb": peaks[variant.name], "fingerprint": "abc"})
+        "device": "cpu", "kind": "peak RSS growth", "peak_mb": peaks[variant.name], "fingerprint": "abc",
+        "gradient_kind": "peak RSS growth within the gradient phase", "gradient_peak_mb": gradient[variant.name]})
     seen = []
     report = run_memory_benchmark(MemorySettings(**SMALL), on_variant=seen.append)
     assert seen == [v.name for v in MEMORY_VARIANTS]
     assert {row["variant"]: row["vs_single"] for row in report["rows"]} == {
         "single": 1.0, "marble-affine": 1.3, "marble-rows": 1.05, "marble-exact": 1.5}
-    (target,) = report["targets"]
-    assert target["threshold"] == 1.25 and target["value"] == 1.3 and target["met"] is False
+    assert {row["variant"]: row["gradient_vs_single"] for row in report["rows"]} == {
+        "single": 1.0, "marble-affine": 1.1, "marble-rows": 1.0, "marble-exact": 2.0}
+    whole, phase = report["targets"]
+    assert whole["threshold"] == 1.25 and whole["value"] == 1.3 and whole["met"] is False
+    assert "gradient-phase" in phase["target"] and phase["value"] == 1.1 and phase["met"] is True
     assert report["policy_fingerprint"] == "abc" and report["machine"]["torch_threads"] == 1
 
 

@@ -573,3 +573,49 @@ def test_the_momentum_gram_before_the_first_step_includes_that_steps_weight_deca
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     shifted = 0.1 * 0.5 * theta + 0.1 * grads
     torch.testing.assert_close(gram_ops.metric_gram(grads, optimizer, params, "adam-momentum"), shifted @ shifted.T)
+
+
+@pytest.mark.parametrize("kl", [0.0, 1e-2])
+def test_stacked_passes_equal_the_separate_passes(kl):
+    """One backward over the rows stacked 2 (3 with the anchor) times gives the gradients of the
+    separate U, W (and anchor) passes; each factor hook runs once per copy-stacked pass."""
+    net, params = lora_network(seed=4, bias=True)
+    x_t, x0, t, v_old, v_ref, r = nft_batch(4, 3, torch.float64, seed=4)
+    coef = masked_coefficients(3, 4, torch.float64, 4)
+    separate, anchor = affine_gradients(net, params, x_t, x0, t, v_old, r, coef, 0.3,
+                                        extra_ref=v_ref if kl else None, kl=kl)
+    copies = 3 if kl else 2
+    with gram_ops.LoraCapture(net, params) as capture:
+        output = net(x_t.repeat(copies, 1, 1))
+        v = output[:4]
+        U, W = nft_cotangents(v, v_old, x_t, x0, t, 0.3, num_samples=1)
+        extra = kl * anchor_cotangent(v, v_ref) if kl else None
+        before = dict(gram_ops.LoraCapture.calls)
+        stacked, stacked_anchor = gram_ops.per_reward_gradients_affine_stacked(
+            output, U, W, coef, coef * r, capture, extra=extra)
+        backward_calls = gram_ops.LoraCapture.calls["backward"] - before.get("backward", 0)
+    assert backward_calls == 2 * 6  # 5 LoRA layers, mlp called twice: 12 factor calls, one pass
+    torch.testing.assert_close(stacked, separate, rtol=1e-10, atol=1e-12)
+    if kl:
+        torch.testing.assert_close(stacked_anchor, anchor, rtol=1e-10, atol=1e-14)
+    else:
+        assert stacked_anchor is None and anchor is None
+    with gram_ops.LoraCapture(net, params) as capture:
+        output = net(x_t)
+        with pytest.raises(MarbleError, match="stacked output must hold 2 copies"):
+            gram_ops.per_reward_gradients_affine_stacked(output, U, W, coef, coef * r, capture)
+
+
+def test_coefficients_off_the_cpu_are_checked_after_the_passes():
+    """No host read between passes: a device pass records a flag that verify() (after the last
+    pass, or leaving the capture) reads once; CPU coefficients are checked at once."""
+    net, params = lora_network()
+    with gram_ops.LoraCapture(net, params) as capture:
+        capture._unchecked.append(torch.tensor(False))  # what a NaN coefficient on a GPU leaves
+        with pytest.raises(MarbleError, match="NaN/inf"):
+            capture.verify()
+        assert capture._unchecked == []
+        capture._unchecked.append(torch.tensor(True))
+    assert capture._unchecked == []
+    with pytest.raises(MarbleError, match="NaN/inf"), gram_ops.LoraCapture(net, params) as capture:
+        capture._unchecked.append(torch.tensor(False))

@@ -352,3 +352,93 @@ def test_long_prompts_give_one_note_instead_of_library_warnings_per_batch(capfd)
     assert len(notes) == 1 and "read 16 tokens of a prompt; longer prompts are cut" in notes[0], notes
     printed = capfd.readouterr()
     assert "truncated" not in printed.err + printed.out and "Token indices" not in printed.err + printed.out
+
+
+def _copies(run) -> int:
+    """dtype copies (aten::_to_copy) made while ``run()`` runs forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.name == "aten::_to_copy" for e in prof.events())
+
+
+def test_lora_inputs_stay_in_the_autocast_dtype_with_the_same_values(batch, monkeypatch):
+    """Under autocast peft's float32 cast of each LoRA input is undone by autocast at once: the
+    policy skips it — bitwise the same velocity and gradients, fewer copies."""
+    from contextlib import nullcontext
+
+    x_t, t, cond = batch
+    policy = build_tiny_sd3(seed=0, mixed_precision="bf16")
+    perturb(policy, seed=8)
+    results = []
+
+    def run():
+        for p in policy.trainable_parameters():
+            p.grad = None
+        v = policy.velocity(x_t, t, cond)
+        v.square().mean().backward()
+        results.append((v.detach(), [p.grad.clone() for p in policy.trainable_parameters()]))
+
+    uncast = _copies(run)
+    monkeypatch.setattr(sd3, "lora_inputs_uncast", lambda module, enabled=True: nullcontext())
+    peft_casts = _copies(run)
+    (v_ours, g_ours), (v_peft, g_peft) = results
+    assert torch.equal(v_ours, v_peft) and all(torch.equal(a, b) for a, b in zip(g_ours, g_peft))
+    lora_layers = len(policy.trainable_parameters()) // 2
+    assert peft_casts - uncast >= 2 * lora_layers  # an input and its gradient per layer, at least
+
+
+def test_auto_checkpointing_keeps_activations_that_fit(batch, monkeypatch):
+    from marble_kit.policy import AutoCheckpointing
+
+    x_t, t, cond = batch
+    policy = build_tiny_sd3(seed=0, gradient_checkpointing="auto")
+    seen = []
+    hook = policy.transformer.register_forward_pre_hook(lambda m, a: seen.append(m.gradient_checkpointing))
+    policy.velocity(x_t, t, cond).sum().backward()
+    hook.remove()
+    auto = policy._auto_checkpointing
+    assert seen == [False] and auto.decisions == {"kept": 1, "checkpointed": 0}  # the CPU keeps them
+    assert policy.transformer.gradient_checkpointing  # restored after the call
+
+    class Blocks(torch.nn.Module):  # on a GPU: measure one row once, then rows × row ≤ 0.8 × free
+        gradient_checkpointing = True
+
+        def enable_gradient_checkpointing(self):
+            pass
+
+    allocated = iter([1000, 1000 + 50])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: next(allocated, 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1500, 10_000))
+    probes = []
+    gpu = AutoCheckpointing(Blocks(), torch.device("cuda"))
+    assert gpu.keep(16, lambda: probes.append(1)) and gpu.row_bytes == 50  # 16·50·1.5 = 1200 ≤ 1200
+    assert not gpu.keep(17, lambda: probes.append(1)) and probes == [1]
+    with pytest.raises(MarbleError, match="gradient_checkpointing"):
+        build_tiny_sd3(gradient_checkpointing="sometimes")
+
+
+def test_compile_runs_the_no_grad_forwards_through_torch_compile(batch, monkeypatch):
+    x_t, t, cond = batch
+    compiled_calls, options = [], []
+
+    def fake_compile(module, **kwargs):
+        options.append(kwargs)
+
+        def run(*args, **kw):
+            compiled_calls.append(torch.is_grad_enabled())
+            return module(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    policy = build_tiny_sd3(seed=0, steps=2, compile="reduce-overhead")
+    policy.sample(PROMPTS[:1], torch.Generator().manual_seed(0))
+    policy.old_velocity(x_t, t, cond)
+    policy.ref_velocity(x_t, t, cond)
+    policy.velocity(x_t, t, cond)  # with gradients: eager
+    assert compiled_calls == [False] * 4 and options == [{"dynamic": False, "mode": "reduce-overhead"}]
+    with pytest.raises(MarbleError, match="compile"):
+        build_tiny_sd3(compile=3)

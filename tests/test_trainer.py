@@ -798,3 +798,58 @@ def test_exact_mode_takes_no_pass_for_a_reward_that_judges_nothing(idle_rewards)
     trainer = _trainer(gram="exact", balancer="mgda-qp", rewards=["color", "nan_reward"], kl=0.0)
     metrics = trainer.step()
     assert metrics["backward_passes"] == 1.0  # color's only; nan_reward judges no row
+
+
+@pytest.mark.slow
+def test_a_sampled_gram_pass_runs_on_its_rows_only():
+    """gram_rows = 0.25: in the gradient step the transformer sees the sampled rows in the Gram's
+    forward and in both checkpointed replays of its backward passes, the whole batch only in
+    the fused pass — counted at the transformer's first block; the capture's passes have the
+    sampled rows as their batch."""
+    trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram="affine",
+                       gram_rows=0.25, kl=1e-2, policy_options={"gradient_checkpointing": True})
+    seen, inside = [], []
+    trainer.phase_hook = lambda boundary: inside.append(boundary.endswith("start"))
+    block = trainer.policy.transformer.transformer_blocks[0]
+
+    def rows(module, args, kwargs):
+        if inside[-1:] == [True]:  # between the gradient step's start and end marks
+            seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[0])
+
+    handle = block.register_forward_pre_hook(rows, with_kwargs=True)
+    from marble_kit import gram as gram_ops
+
+    passes = []
+    original = gram_ops.LoraCapture.backward_pass
+
+    def record(capture, output, *args, **kwargs):
+        passes.append(output.shape[0])
+        return original(capture, output, *args, **kwargs)
+
+    gram_ops.LoraCapture.backward_pass = record
+    try:
+        metrics = trainer.step()
+    finally:
+        gram_ops.LoraCapture.backward_pass = original
+        handle.remove()
+    batch = 4 * 2 * 2
+    assert seen == [4, 4, 4, batch, batch]  # forward + 2 replays on 4 rows; fused forward + replay on 16
+    assert passes == [4, 4]
+    assert metrics["backward_passes"] == pytest.approx(1 + 2 * 0.25)
+
+
+@pytest.mark.slow
+def test_stacked_affine_passes_equal_the_separate_ones():
+    separate = _trainer(prompts_per_step=2, images_per_prompt=2, timesteps_per_image=2, gram="affine", kl=1e-2)
+    batch = _captured_batch(separate)
+    stacked = _trainer(prompts_per_step=2, images_per_prompt=2, timesteps_per_image=2, gram="affine", kl=1e-2,
+                       gram_backward="stacked")
+    stacked.policy = separate.policy
+    stacked.params = separate.params
+    grads, anchor = separate._affine_gradients(batch)
+    stacked_grads, stacked_anchor = stacked._affine_gradients(batch)
+    scale = grads.abs().max()
+    assert (stacked_grads - grads).abs().max() <= 1e-5 * scale
+    assert (stacked_anchor - anchor).abs().max() <= 1e-5 * anchor.abs().max()
+    with pytest.raises(MarbleError, match="gram_backward must be one of separate, stacked"):
+        TrainConfig(gram_backward="batched")

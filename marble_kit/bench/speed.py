@@ -14,16 +14,29 @@ order every round, so that load changes on the machine hit every variant alike:
   quarter of the rows (``gram_rows`` = 0.25), then one backward over all rows with the fresh
   weights (≈ 1 + 2f passes, the anchor riding on the last).
 
-All variants see the same prompts and noise (same seed, same sampler), so their rollouts cost
-the same. Per step the trainer's own clocks split the time into rollout, rewards and update
+Two more variants can be asked for by name (``--variants``): ``marble-affine-stacked`` and
+``marble-rows-stacked``, (c) and (e) with ``gram_backward = "stacked"`` (the Gram's cotangent
+passes as one backward over the rows repeated 2-3 times).
+
+All variants see the same prompts and noise (same seed, same sampler), so their rollouts do
+the same work. Per step the trainer's own clocks split the time into rollout, rewards and update
 (everything after the rewards) and, inside the update, the gradient step (per-reward
-gradients, Gram, balancer, fused gradient, optimizer step). Speed ratios are single-reward
-time / variant time within each round, median over rounds (1.0 = as fast as one reward; the
-paper reports 0.97× for MARBLE).
+gradients, Gram, balancer, fused gradient, optimizer step); on a GPU they are CUDA events, on
+the CPU the wall clock. Speed ratios are single-reward time / variant time within each round,
+median over rounds (1.0 = as fast as one reward; the paper reports 0.97× for MARBLE), each with
+a 95 % bootstrap interval over the rounds (:func:`bootstrap_interval`). "step − rollout" leaves
+out the rollout, identical work in every variant whose time still varies between them.
+
+Rounds: at least ``min_rounds``, then until the interval of the periodic variant's whole-step
+ratio is within ± ``target_halfwidth`` (default 1 %), at most ``rounds`` (and ``max_seconds``).
 """
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,6 +64,8 @@ from marble_kit.trainer import Trainer
 K5_REWARDS = ["color", "shape", "word", "sharpness", "background"]
 SPEED_PROMPTS = ["colors", "shapes", "words"]
 PHASES = ("step", "rollout", "rewards", "update", "gradient_step")
+RATIOS = ("step", "step_without_rewards", "step_without_rollout", "update", "gradient_step")
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class Variant:
     gram: str
     single: bool = False
     gram_rows: float = 1.0
+    gram_backward: str = "separate"
 
 
 VARIANTS = (
@@ -70,7 +86,13 @@ VARIANTS = (
     Variant("marble-periodic", "(c') MARBLE periodic, K=5", "marble", "periodic"),
     Variant("marble-exact", "(d) MARBLE exact, K=5", "marble", "exact"),
     Variant("marble-rows", "(e) MARBLE rows 0.25, K=5", "marble", "affine", gram_rows=0.25),
+    Variant("marble-affine-stacked", "(c+) affine, stacked passes", "marble", "affine",
+            gram_backward="stacked"),
+    Variant("marble-rows-stacked", "(e+) rows 0.25, stacked passes", "marble", "affine", gram_rows=0.25,
+            gram_backward="stacked"),
 )
+DEFAULT_VARIANTS = [v.name for v in VARIANTS[:6]]
+VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
 
 
 @dataclass
@@ -79,8 +101,12 @@ class SpeedSettings:
 
     policy: str = "tiny-sd3"
     policy_options: dict = field(default_factory=dict)
-    rounds: int = 40                 # measured steps per variant
+    rounds: int = 60                 # at most this many measured steps per variant
     warmup: int = 2                  # unmeasured rounds first (allocator, caches, OSQP set-up)
+    min_rounds: int = 20             # at least this many, then stop once the target interval is reached
+    target_halfwidth: float = 0.01   # periodic whole-step ratio: 95 % interval within ± this (0 = off)
+    max_seconds: float = 0.0         # stop adding rounds after this long (0 = no limit)
+    variants: list = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     prompts_per_step: int = 4
     images_per_prompt: int = 4
     timesteps_per_image: int = 4
@@ -99,6 +125,13 @@ class SpeedSettings:
         if self.single_reward not in self.rewards:
             raise MarbleError(f"speed bench: the single reward {self.single_reward!r} must be one of "
                               f"the K rewards {self.rewards}, so both runs judge the same images")
+        unknown = [name for name in self.variants if name not in VARIANT_BY_NAME]
+        if unknown or "single" not in self.variants:
+            raise MarbleError(f"speed bench: variants must include single and come from "
+                              f"{', '.join(VARIANT_BY_NAME)}; got {unknown[0] if unknown else 'no single'!r}")
+        if self.min_rounds < 1 or self.target_halfwidth < 0 or self.max_seconds < 0:
+            raise MarbleError(f"speed bench: min_rounds must be ≥ 1, target_halfwidth and max_seconds ≥ 0 "
+                              f"(got {self.min_rounds}, {self.target_halfwidth}, {self.max_seconds})")
 
     def config(self, variant: Variant) -> TrainConfig:
         """The TrainConfig of one variant (the same batch and prompts for all)."""
@@ -106,6 +139,7 @@ class SpeedSettings:
             policy=self.policy, policy_options=dict(self.policy_options),
             rewards=[self.single_reward] if variant.single else list(self.rewards),
             balancer=variant.balancer, gram=variant.gram, gram_period=self.gram_period, gram_rows=variant.gram_rows,
+            gram_backward=variant.gram_backward,
             gram_solver="affine", prompts=list(self.prompts), seed=self.seed,
             steps=self.warmup + self.rounds, prompts_per_step=self.prompts_per_step,
             images_per_prompt=self.images_per_prompt, timesteps_per_image=self.timesteps_per_image,
@@ -114,7 +148,7 @@ class SpeedSettings:
 
 def sd35_arch_settings(**overrides: Any) -> SpeedSettings:
     """Defaults for SD3.5 Medium's architecture on one GPU: a smaller batch, bf16, checkpointing."""
-    settings = {"policy": "sd3.5-arch", "rounds": 10, "warmup": 2, "prompts_per_step": 2,
+    settings = {"policy": "sd3.5-arch", "rounds": 80, "min_rounds": 10, "warmup": 2, "prompts_per_step": 2,
                     "images_per_prompt": 4, "timesteps_per_image": 2, "sample_steps": 10,
                     "policy_options": {"device": "cuda", "mixed_precision": "bf16",
                                     "gradient_checkpointing": True}}
@@ -122,10 +156,13 @@ def sd35_arch_settings(**overrides: Any) -> SpeedSettings:
     return SpeedSettings(**settings)
 
 
-def build_trainers(settings: SpeedSettings, policy: Any = None) -> dict[str, Trainer]:
-    """One trainer per variant around one shared policy (built here unless given)."""
-    configs = {v.name: settings.config(v) for v in VARIANTS}
-    policy = policy if policy is not None else build_policy(configs["single"])
+def build_trainers(settings: SpeedSettings, policy: Any = None,
+                   names: list[str] | None = None) -> dict[str, Trainer]:
+    """One trainer per variant (``names``: these only) around one shared policy (built here
+    unless given)."""
+    names = settings.variants if names is None else names
+    configs = {v.name: settings.config(v) for v in VARIANTS if v.name in names}
+    policy = policy if policy is not None else build_policy(next(iter(configs.values())))
     return {name: Trainer(config, components_for(config, policy)) for name, config in configs.items()}
 
 
@@ -157,10 +194,14 @@ def time_one_step(trainer: Trainer) -> dict[str, float]:
 
 
 def measure(trainers: dict[str, Trainer], rounds: int, warmup: int,
-            on_round: Callable[[int, int], None] | None = None) -> dict[str, list[dict[str, float]]]:
-    """Alternating, repeated steps: per variant the list of measured step samples."""
+            on_round: Callable[[int, int], None] | None = None,
+            stop: Callable[[dict[str, list[dict[str, float]]]], bool] | None = None,
+            max_seconds: float = 0.0) -> dict[str, list[dict[str, float]]]:
+    """Alternating, repeated steps: per variant the list of measured step samples. After each
+    measured round ``stop(samples)`` may end the measurement early; so may ``max_seconds``."""
     names = list(trainers)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    started = time.perf_counter()
     for round_index in range(warmup + rounds):
         for name in round_order(names, round_index):
             sample = time_one_step(trainers[name])
@@ -168,19 +209,52 @@ def measure(trainers: dict[str, Trainer], rounds: int, warmup: int,
                 samples[name].append(sample)
         if on_round is not None:
             on_round(round_index + 1, warmup + rounds)
+        if round_index >= warmup and (
+                (stop is not None and stop(samples))
+                or (max_seconds > 0 and time.perf_counter() - started >= max_seconds)):
+            break
     return samples
 
 
+def bootstrap_interval(values: list, statistic: Callable[[list], float] = statistics.median,
+                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (one per round, floats or
+    tuples; rounds drawn with replacement, seeded): (lower, upper); (nan, nan) for fewer than
+    two finite values."""
+    finite = [v for v in values if all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,)))]
+    if len(finite) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    draws = sorted(statistic(rng.choices(finite, k=len(finite))) for _ in range(resamples))
+    tail = (1.0 - level) / 2.0
+    return draws[int(tail * (resamples - 1))], draws[math.ceil((1.0 - tail) * (resamples - 1))]
+
+
+def _ratio_of_sums(pairs: list[tuple[float, float]]) -> float:
+    return sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
+
+
+def round_ratios(reference: list[dict[str, float]], runs: list[dict[str, float]], key: str) -> list[float]:
+    """Per round: the single-reward time / this variant's time (> 1: faster)."""
+    return [_phase(ref, key) / _phase(run, key) for ref, run in zip(reference, runs)]
+
+
 def summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
-    """Per variant: median phase times (s), mean step, peak memory and speed ratios vs single."""
+    """Per variant: median phase times (s), mean step, peak memory and speed ratios vs single,
+    each ratio with its 95 % bootstrap interval over the rounds (``ci_…``: [lower, upper])."""
     rows = []
     for variant in VARIANTS:
+        if variant.name not in samples:
+            continue
         runs = samples[variant.name]
         row: dict[str, Any] = {"variant": variant.name, "label": variant.label, "steps": len(runs),
-                               "balancer": variant.balancer, "gram": variant.gram}
+                               "balancer": variant.balancer, "gram": variant.gram,
+                               "gram_backward": variant.gram_backward}
         for phase in PHASES:
             row[f"median_{phase}_s"] = median([s[phase] for s in runs])
-        row["median_step_without_rewards_s"] = median([s["step"] - s["rewards"] for s in runs])
+        row["median_step_without_rewards_s"] = median([_phase(s, "step_without_rewards") for s in runs])
+        row["median_step_without_rollout_s"] = median([_phase(s, "step_without_rollout") for s in runs])
         row["mean_step_s"] = sum(s["step"] for s in runs) / len(runs)
         row["peak_memory_mb"] = max(s["peak_memory_mb"] for s in runs)
         row["solve_steps"] = sum(s["gram_mode"] in ("affine", "exact") for s in runs)
@@ -192,15 +266,31 @@ def summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
         # median over rounds of the ratio within each round, so that load drifting between
         # rounds cancels (every variant takes one step per round).
         runs = samples[row["variant"]]
-        for key in ("step", "step_without_rewards", "update", "gradient_step"):
-            row[f"speed_{key}"] = median([_phase(ref, key) / _phase(run, key)
-                                          for ref, run in zip(reference, runs)])
+        for key in RATIOS:
+            ratios = round_ratios(reference, runs, key)
+            row[f"speed_{key}"] = median(ratios)
+            row[f"ci_speed_{key}"] = list(bootstrap_interval(ratios))
         row["speed_mean_step"] = (sum(s["step"] for s in reference) / len(reference)) / row["mean_step_s"]
+        pairs = [(ref["step"], run["step"]) for ref, run in zip(reference, runs)]
+        row["ci_speed_mean_step"] = list(bootstrap_interval(pairs, _ratio_of_sums))
     return rows
 
 
+def periodic_halfwidth(samples: dict[str, list[dict[str, float]]]) -> float:
+    """Half the width of the periodic variant's whole-step ratio interval (inf before 2 rounds)."""
+    if "marble-periodic" not in samples:
+        return 0.0
+    lower, upper = bootstrap_interval(round_ratios(samples["single"], samples["marble-periodic"], "step"),
+                                      resamples=500)
+    return (upper - lower) / 2.0 if math.isfinite(lower) else float("inf")
+
+
 def _phase(sample: dict[str, float], key: str) -> float:
-    return sample["step"] - sample["rewards"] if key == "step_without_rewards" else sample[key]
+    if key == "step_without_rewards":
+        return sample["step"] - sample["rewards"]
+    if key == "step_without_rollout":
+        return sample["step"] - sample["rollout"]
+    return sample[key]
 
 
 def pass_count_limit(rows: list[dict[str, Any]]) -> float:
@@ -220,41 +310,85 @@ def pass_count_limit(rows: list[dict[str, Any]]) -> float:
     return forward + affine["mean_backward_passes"] * per_pass
 
 
-def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issues' targets, measured: each with its value and whether it was met."""
+def check_targets(rows: list[dict[str, Any]], samples: dict[str, list[dict[str, float]]] | None = None
+                  ) -> list[dict[str, Any]]:
+    """The issues' targets, measured: each with its value, its 95 % bootstrap interval over the
+    rounds where it is a ratio measured per round ([lower, upper], else None), whether it was
+    met (by the value) and whether the interval decides it (lies wholly on one side)."""
     by_name = {row["variant"]: row for row in rows}
+    if not {"marble-affine", "marble-exact", "marble-periodic", "marble-rows"} <= set(by_name):
+        return []  # a subset of the variants: the targets compare all of them
     affine, exact = by_name["marble-affine"], by_name["marble-exact"]
+    periodic, sampled = by_name["marble-periodic"], by_name["marble-rows"]
     limit = pass_count_limit(rows)
+    rows_vs_affine, rows_vs_affine_ci = float("nan"), None
+    if samples is not None:
+        per_round = [r["gradient_step"] / a["gradient_step"]
+                     for r, a in zip(samples["marble-rows"], samples["marble-affine"])]
+        rows_vs_affine, rows_vs_affine_ci = median(per_round), list(bootstrap_interval(per_round))
+    elif affine["median_gradient_step_s"] > 0:
+        rows_vs_affine = sampled["median_gradient_step_s"] / affine["median_gradient_step_s"]
     checks = [
-        ("(c') periodic whole step ≥ 0.99× single", by_name["marble-periodic"]["speed_step"], 0.99, True),
-        ("(c) affine whole step ≥ 0.85× single", affine["speed_step"], 0.85, True),
+        ("(c') periodic whole step ≥ 0.99× single", periodic["speed_step"], periodic.get("ci_speed_step"), 0.99, True),
+        ("(c') periodic step − rollout ≥ 0.99× single", periodic["speed_step_without_rollout"],
+         periodic.get("ci_speed_step_without_rollout"), 0.99, True),
+        ("(c) affine whole step ≥ 0.80× single", affine["speed_step"], affine.get("ci_speed_step"), 0.80, True),
         ("(c) affine gradient step ≤ 1.10× its pass-count limit",
-         affine["median_gradient_step_s"] / limit if limit > 0 else float("nan"), 1.10, False),
-        ("(e) rows 0.25 every step, whole step ≥ 0.90× single", by_name["marble-rows"]["speed_step"], 0.90, True),
-        ("(d) exact update ≥ 2× slower than (c)", exact["median_update_s"] / affine["median_update_s"], 2.0, True),
+         affine["median_gradient_step_s"] / limit if limit > 0 else float("nan"), None, 1.10, False),
+        ("(e) rows 0.25 every step, whole step ≥ 0.90× single", sampled["speed_step"],
+         sampled.get("ci_speed_step"), 0.90, True),
+        ("(e) rows 0.25 gradient step ≤ 0.6× affine's (1 + 2·0.25 passes)", rows_vs_affine, rows_vs_affine_ci,
+         0.60, False),
+        ("(d) exact update ≥ 2× slower than (c)", exact["median_update_s"] / affine["median_update_s"],
+         None, 2.0, True),
         ("(d) exact gradient step ≥ 2× slower than (c)",
-         exact["median_gradient_step_s"] / affine["median_gradient_step_s"], 2.0, True),
+         exact["median_gradient_step_s"] / affine["median_gradient_step_s"], None, 2.0, True),
     ]
-    return [{"target": name, "value": value, "threshold": threshold,
-             "met": bool(value >= threshold if at_least else value <= threshold)}
-            for name, value, threshold, at_least in checks]
+    out = []
+    for name, value, interval, threshold, at_least in checks:
+        met = bool(value >= threshold if at_least else value <= threshold)
+        decided = None
+        if interval is not None and all(math.isfinite(v) for v in interval):
+            lower, upper = interval
+            decided = bool(lower >= threshold or upper < threshold) if at_least else \
+                bool(upper <= threshold or lower > threshold)
+        out.append({"target": name, "value": value, "interval": interval, "threshold": threshold,
+                    "met": met, "decided": decided})
+    return out
 
 
 def run_speed_benchmark(settings: SpeedSettings | None = None, policy: Any = None,
                         on_round: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Build the five trainers, measure them alternately, return the report (rows, targets, machine)."""
+    """Build the trainers, measure them alternately until the rounds suffice, return the report
+    (rows with intervals, targets, how the measurement stopped, machine, every sample)."""
     settings = settings or SpeedSettings()
     trainers = build_trainers(settings, policy)
     shared_policy = next(iter(trainers.values())).policy
-    samples = measure(trainers, settings.rounds, settings.warmup, on_round)
+    minimum = min(settings.min_rounds, settings.rounds)
+
+    def enough(samples: dict[str, list[dict[str, float]]]) -> bool:
+        done = len(samples["single"])
+        return (settings.target_halfwidth > 0 and done >= minimum
+                and periodic_halfwidth(samples) <= settings.target_halfwidth)
+
+    started = time.perf_counter()
+    samples = measure(trainers, settings.rounds, settings.warmup, on_round, stop=enough,
+                      max_seconds=settings.max_seconds)
+    rounds = len(samples["single"])
+    halfwidth = periodic_halfwidth(samples)
+    reason = ("interval" if settings.target_halfwidth > 0 and halfwidth <= settings.target_halfwidth
+              and rounds >= minimum else "max rounds" if rounds >= settings.rounds else "time limit")
     rows = summarize(samples)
     return {
         "benchmark": "speed",
         "settings": asdict(settings),
         "machine": machine_description(shared_policy.device),
+        "clock": "CUDA events per phase" if shared_policy.device.type == "cuda" else "wall clock (perf_counter)",
         "policy_fingerprint": policy_fingerprint(shared_policy),
+        "stopping": {"rounds": rounds, "reason": reason, "periodic_halfwidth": halfwidth,
+                     "seconds": time.perf_counter() - started},
         "rows": rows,
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, samples),
         "samples": samples,
     }
 
@@ -278,9 +412,14 @@ def plot_speed(report: dict[str, Any], path) -> Any:
     axes[0][0].legend(fontsize=8)
     width = 0.27
     for offset, key, name in ((-width, "speed_step", "whole step"),
-                              (0.0, "speed_step_without_rewards", "step − rewards"),
-                              (width, "speed_update", "update alone")):
-        axes[0][1].barh([p + offset for p in positions], [row[key] for row in rows], height=width, label=name)
+                              (0.0, "speed_step_without_rollout", "step − rollout"),
+                              (width, "speed_gradient_step", "gradient step")):
+        values = [row[key] for row in rows]
+        errors = [[max(v - (row.get(f"ci_{key}") or [v, v])[0], 0.0) for v, row in zip(values, rows)],
+                  [max((row.get(f"ci_{key}") or [v, v])[1] - v, 0.0) for v, row in zip(values, rows)]]
+        errors = [[e if math.isfinite(e) else 0.0 for e in side] for side in errors]
+        axes[0][1].barh([p + offset for p in positions], values, height=width, label=name, xerr=errors,
+                        error_kw={"elinewidth": 0.8, "capsize": 2})
     axes[0][1].axvline(1.0, color="black", lw=0.8)
     axes[0][1].set(yticks=list(positions), yticklabels=labels, xlabel="speed vs single reward (×)",
                    title="Speed ratio (higher is faster)")

@@ -29,7 +29,7 @@ from torch import nn
 
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
-from marble_kit.policy import Rollout, offloaded
+from marble_kit.policy import AutoCheckpointing, Rollout, lora_inputs_uncast, offloaded
 
 SD35_MODEL_ID = "stabilityai/stable-diffusion-3.5-medium"
 SD35_PATH_ENV = "MARBLE_SD35_PATH"
@@ -271,16 +271,22 @@ class SD3Policy:
     def __init__(self, pipeline, *, name: str = "sd3", rank: int = 8, alpha: float | None = None,
                  target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
                  device: str | torch.device | None = None, mixed_precision: str = "no",
-                 gradient_checkpointing: bool = False, offload_vae: bool = False,
+                 gradient_checkpointing: bool | str = False, offload_vae: bool = False,
                  offload_text_encoders: bool = False, max_sequence_length: int = 256,
                  resolution: int | None = None, steps: int = 25, guidance_scale: float = 1.0,
                  sample_batch_size: int = 0, prompt_cache_size: int = 1024,
-                 threads: int | None = None):
+                 threads: int | None = None, compile: bool | str = False):
         if mixed_precision not in MIXED_PRECISION:
             raise MarbleError(f"policy {name!r}: mixed_precision={mixed_precision!r} is not one of "
                               f"{', '.join(MIXED_PRECISION)}; pass e.g. mixed_precision=\"bf16\"")
         if rank < 1:
             raise MarbleError(f"policy {name!r}: LoRA rank must be ≥ 1 (got {rank})")
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise MarbleError(f"policy {name!r}: gradient_checkpointing={gradient_checkpointing!r} must be "
+                              "true, false or \"auto\" (keep the activations when they fit in GPU memory)")
+        if compile not in (True, False) and not isinstance(compile, str):
+            raise MarbleError(f"policy {name!r}: compile={compile!r} must be true, false or a torch.compile "
+                              "mode (e.g. \"reduce-overhead\")")
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.name = name
@@ -302,8 +308,15 @@ class SD3Policy:
         self._truncation_noted = False
         self._place_modules()
         self._add_lora(seed)
-        if gradient_checkpointing:
+        self._auto_checkpointing = None
+        if gradient_checkpointing == "auto":
+            self._auto_checkpointing = AutoCheckpointing(self.transformer, self.device)
+        elif gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        # compile: the no-grad forwards (rollout, old and reference velocities) run through
+        # torch.compile of the transformer; v_θ's forward with gradients stays eager.
+        self._compile_mode = compile if isinstance(compile, str) else ("default" if compile else None)
+        self._compiled = None
         self._old = [p.detach().clone() for p in self._trainable]
 
     # ------------------------------------------------------------ set-up
@@ -397,14 +410,28 @@ class SD3Policy:
         embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
         if self.autocast_dtype is None:  # no autocast (e.g. full_precision): conditioning in fp32 too
             embeds, pooled = embeds.float(), pooled.float()
-        with self._autocast():
-            out = self.transformer(hidden_states=x_t, timestep=t * 1000,  # SD3 takes t·1000
-                                   encoder_hidden_states=embeds, pooled_projections=pooled,
-                                   return_dict=False)[0]
+        model = self._no_grad_model() if not torch.is_grad_enabled() else self.transformer
+        # Under autocast peft's cast of each LoRA input to float32 is undone by autocast at once:
+        # skipped (the same values, two copies fewer per LoRA layer and pass).
+        with self._autocast(), lora_inputs_uncast(self.transformer, self.autocast_dtype is not None):
+            out = model(hidden_states=x_t, timestep=t * 1000,  # SD3 takes t·1000
+                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
         return out.float()
+
+    def _no_grad_model(self):
+        if self._compile_mode is None:
+            return self.transformer
+        if self._compiled is None:
+            options = {} if self._compile_mode == "default" else {"mode": self._compile_mode}
+            self._compiled = torch.compile(self.transformer, dynamic=False, **options)
+        return self._compiled
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
         """v_θ(x_t, t, c): trainable LoRA active, gradients flow (t in [0, 1])."""
+        if self._auto_checkpointing is not None and torch.is_grad_enabled():
+            probe = lambda: self._transformer_velocity(x_t[:1], t[:1], cond.index(slice(0, 1)))  # noqa: E731
+            with self._auto_checkpointing(x_t.shape[0], probe):
+                return self._transformer_velocity(x_t, t, cond)
         return self._transformer_velocity(x_t, t, cond)
 
     @torch.no_grad()
@@ -464,9 +491,8 @@ class SD3Policy:
 
     @torch.no_grad()
     def update_old(self, decay: float) -> None:
-        """θ_old ← decay·θ_old + (1 − decay)·θ."""
-        for old, p in zip(self._old, self._trainable):
-            old.lerp_(p.detach(), 1.0 - decay)
+        """θ_old ← decay·θ_old + (1 − decay)·θ (one multi-tensor lerp)."""
+        torch._foreach_lerp_(self._old, [p.detach() for p in self._trainable], 1.0 - decay)
 
     # ------------------------------------------------------------ sampling
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
@@ -493,7 +519,8 @@ class SD3Policy:
         cond = self.encode_prompts(prompts)
         chunk = self.sample_batch_size or len(prompts)
         weights = self._old_weights() if use_old else nullcontext()
-        with weights:
+        # One autocast region for the whole rollout: the LoRA weights are cast once, not per step.
+        with weights, self._autocast():
             x0 = torch.cat([
                 self._euler(noise[i:i + chunk].to(self.device), cond.index(slice(i, i + chunk)),
                             steps or self.steps)
@@ -618,10 +645,11 @@ class SD3Policy:
 def build_sd35(path: str | None = None, use_t5: bool = True, rank: int = 32,
                alpha: float | None = None, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
                seed: int = 0, device: str | None = None, mixed_precision: str = "bf16",
-               gradient_checkpointing: bool = True, offload_vae: bool = True,
+               gradient_checkpointing: bool | str = True, offload_vae: bool = True,
                offload_text_encoders: bool = True, max_sequence_length: int = 256,
                resolution: int = 512, steps: int = 25, guidance_scale: float = 1.0,
-               sample_batch_size: int = 0, threads: int | None = None) -> SD3Policy:
+               sample_batch_size: int = 0, threads: int | None = None,
+               compile: bool | str = False) -> SD3Policy:
     """Stable Diffusion 3.5 Medium from a local directory (`path`, $MARBLE_SD35_PATH or HF cache)."""
     dtype = MIXED_PRECISION.get(mixed_precision) or torch.float32
     target_device = torch.device(device) if device else default_device()
@@ -633,16 +661,17 @@ def build_sd35(path: str | None = None, use_t5: bool = True, rank: int = 32,
                      offload_text_encoders=offload_text_encoders,
                      max_sequence_length=max_sequence_length, resolution=resolution, steps=steps,
                      guidance_scale=guidance_scale, sample_batch_size=sample_batch_size,
-                     threads=threads)
+                     threads=threads, compile=compile)
 
 
 def build_tiny_sd3(path: str | None = None, rank: int = 8, alpha: float | None = None,
                    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
                    device: str | None = "cpu", mixed_precision: str = "no",
-                   gradient_checkpointing: bool = False, offload_vae: bool = False,
+                   gradient_checkpointing: bool | str = False, offload_vae: bool = False,
                    offload_text_encoders: bool = False, max_sequence_length: int | None = None,
                    steps: int | None = None, guidance_scale: float = 1.0,
-                   sample_batch_size: int = 0, threads: int | None = TINY_DEFAULT_THREADS) -> SD3Policy:
+                   sample_batch_size: int = 0, threads: int | None = TINY_DEFAULT_THREADS,
+                   compile: bool | str = False) -> SD3Policy:
     """The shipped tiny SD3 prior (64×64 px), loaded through the same loader as `sd3.5`."""
     directory = Path(path).expanduser() if path else TINY_PRIOR_DIR
     if not (directory / "model_index.json").is_file():
@@ -657,7 +686,7 @@ def build_tiny_sd3(path: str | None = None, rank: int = 8, alpha: float | None =
                      offload_text_encoders=offload_text_encoders,
                      max_sequence_length=max_sequence_length or defaults.get("max_sequence_length", 1),
                      steps=steps or defaults.get("steps", 10), guidance_scale=guidance_scale,
-                     sample_batch_size=sample_batch_size, threads=threads)
+                     sample_batch_size=sample_batch_size, threads=threads, compile=compile)
 
 
 def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -700,10 +729,10 @@ def sd35_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = 
 def build_sd35_arch(rank: int = 32, alpha: float | None = None,
                     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
                     device: str | None = None, mixed_precision: str = "bf16",
-                    gradient_checkpointing: bool = True, offload_vae: bool = False,
+                    gradient_checkpointing: bool | str = True, offload_vae: bool = False,
                     offload_text_encoders: bool = False, max_sequence_length: int = 256,
                     resolution: int = 512, steps: int = 25, guidance_scale: float = 1.0,
-                    sample_batch_size: int = 0) -> SD3Policy:
+                    sample_batch_size: int = 0, compile: bool | str = False) -> SD3Policy:
     """SD3.5 Medium's architecture with random weights + LoRA (GPU timing of update steps; with
     `sd3.5`'s options but `path` and `use_t5`, so `--config sd35-marble --policy sd3.5-arch`
     is a smoke test of the recipe without weights)."""
@@ -721,7 +750,8 @@ def build_sd35_arch(rank: int = 32, alpha: float | None = None,
                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                      offload_vae=offload_vae, offload_text_encoders=offload_text_encoders,
                      max_sequence_length=max_sequence_length, resolution=resolution, steps=steps,
-                     guidance_scale=guidance_scale, sample_batch_size=sample_batch_size)
+                     guidance_scale=guidance_scale, sample_batch_size=sample_batch_size,
+                     compile=compile)
 
 
 @hookimpl
