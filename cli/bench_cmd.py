@@ -161,8 +161,8 @@ def _ratio_cell(row: dict, key: str) -> str:
     lower, upper = row.get(f"ci_speed_{key}") or (float("nan"), float("nan"))
     value = row[f"speed_{key}"]
     if lower == lower and upper == upper:  # not NaN
-        return f"{value:.3f}× [{lower:.3f}, {upper:.3f}]"
-    return f"{value:.3f}×"
+        return f"{value:.2f}× ({lower:.2f}–{upper:.2f})"
+    return f"{value:.2f}×"
 
 
 @bench_app.command("speed")
@@ -322,9 +322,13 @@ def counts(
     settings.policy_options = ensure_device(options, policy)
     chosen = split_names(variants) if variants else None
     err_console.print(f"marble bench counts: {policy}, one profiled step per variant", highlight=False)
-    report = run_counts_benchmark(settings, chosen, on_variant=lambda name: err_console.print(f"  {name}", highlight=False))
-    report["targets"] = check_count_targets(report)
-    json_path = write_report(report, out / "counts.json")
+    def written(report: dict) -> None:  # after every variant: a stage cut short keeps what it measured
+        report["targets"] = check_count_targets(report)
+        write_report(report, out / "counts.json")
+
+    report = run_counts_benchmark(settings, chosen, on_variant=lambda name: err_console.print(f"  {name}", highlight=False),
+                                  on_report=written)
+    json_path = out / "counts.json"
     if json_output:
         print_json(report)
         return
@@ -381,6 +385,8 @@ def memory(
     images_per_prompt: int = typer.Option(8, "--images-per-prompt", help="G images per prompt."),
     timesteps_per_image: int = typer.Option(4, "--timesteps-per-image", help="Training timesteps per image."),
     sample_steps: int = typer.Option(8, "--sample-steps", help="Sampler steps of each rollout."),
+    variants: str | None = typer.Option(None, "--variants", help="Comma-separated variants (default all four; "
+                                        "single and marble-affine are needed)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for memory.json."),
 ):
@@ -400,7 +406,8 @@ def memory(
         options["device"] = device
     settings = MemorySettings(policy=policy, policy_options=ensure_device(options, policy), steps=steps,
                               prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
-                              timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
+                              timesteps_per_image=timesteps_per_image, sample_steps=sample_steps,
+                              **({"variants": split_names(variants)} if variants else {}))
     err_console.print(f"marble bench memory: {policy}, {steps} steps per variant", highlight=False)
     report = run_memory_benchmark(settings, on_variant=lambda name: err_console.print(f"  {name}", highlight=False))
     json_path = write_report(report, out / "memory.json")

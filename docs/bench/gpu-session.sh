@@ -2,16 +2,31 @@
 # The prepared GPU checks of docs/benchmarks.md (SD3.5 Medium's architecture, random weights),
 # for a session that is lent a GPU machine (the `device` tool). Run from the repository root:
 #
-#   docs/bench/gpu-session.sh wheels          # here, once: the wheels the GPU image lacks -> .whl/
-#   docs/bench/gpu-session.sh speed|memory|fidelity|recipe   # there (carry .whl), one stage per call
+#   docs/bench/gpu-session.sh wheels     # here, once: the wheels the GPU image lacks -> .whl/
+#   docs/bench/gpu-session.sh all        # there (carry .whl): THE one call, ~7.5 min of an H200
+#   docs/bench/gpu-session.sh speed|counts|memory|fidelity|options|recipe   # one stage per call
 #
-# Each stage writes its JSON, PNG and log under $OUT (default runs/bench-gpu) and fits in ~8 min
-# of an H200. The image there has torch (CUDA), transformers, peft, accelerate, pluggy, typer and
-# rich, but not diffusers, osqp or this project: they travel as wheels (with the small packages the
-# image may lack; a wheel of a package it has only shadows it under /tmp/site).
-# Not yet run: no session so far was lent a GPU (docs/benchmarks.md says pending).
+# `all` runs, each under its own time limit so that the call ends within 8 minutes:
+#   speed   (~4 min)  the six variants + the two stacked ones, rounds until periodic's interval is
+#                     within +-1 % or 3 minutes of rounds have passed; CUDA events per phase,
+#                     bootstrap intervals for every ratio (speed.json, speed.png);
+#   counts  (~1.5 min) one profiled step of $COUNT_VARIANTS (default: single, the variant of the
+#                     "kernels halved" target): kernels, launches, syncs, casts per phase and pass;
+#   memory  (~1.5 min) single and affine, one step each in a fresh process: the whole step's peak
+#                     and the gradient phase's (memory.json).
+# `options` (a second call, ~6 min) measures what is opt-in: gradient_checkpointing="auto"
+# (activations kept when they fit) and compile=true (no-grad forwards through torch.compile).
+# `recipe` (a call of its own) smoke-tests the paper's recipe on the architecture (issue 27).
+#
+# Each stage writes its JSON, PNG and log under $OUT (default runs/bench-gpu). The image there
+# has torch (CUDA), transformers, peft, accelerate, pluggy, typer and rich, but not diffusers,
+# osqp or this project: they travel as wheels (with the small packages the image may lack; a
+# wheel of a package it has only shadows it under /tmp/site).
+#
+# GPU_SESSION_CPU_TEST=1 runs the same stages on this CPU with tiny-sd3 and tiny settings (no
+# wheels, no nvidia-smi): how the stages are checked before a GPU call.
 set -euo pipefail
-stage=${1:?usage: gpu-session.sh wheels|speed|memory|fidelity|recipe}
+stage=${1:?usage: gpu-session.sh wheels|all|speed|counts|memory|fidelity|options|recipe}
 OUT=${OUT:-runs/bench-gpu}
 mkdir -p "$OUT"
 if [ "$stage" = wheels ]; then
@@ -25,22 +40,70 @@ if [ "$stage" = wheels ]; then
   ls -la .whl
   exit 0
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-marble() { python3 -m marble_cli.app "$@"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [ "${GPU_SESSION_CPU_TEST:-0}" = 1 ]; then
+  PY=${PY:-python3}
+  POLICY=(--policy tiny-sd3)
+  SIZE=(--prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
+  SPEED=(--rounds 3 --min-rounds 2 --warmup 1 --max-minutes 1)
+  MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+  PY=python3
+  POLICY=(--policy sd3.5-arch)
+  SIZE=()
+  SPEED=(--max-minutes 3 --warmup 1)
+  MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 4 --timesteps-per-image 2 --sample-steps 10)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+export PYTHONUNBUFFERED=1
+MARBLE=("$PY" -m marble_cli.app)  # (timeout runs programs, not shell functions)
+ALL_VARIANTS=single,weighted-sum,marble-affine,marble-periodic,marble-exact,marble-rows,marble-affine-stacked,marble-rows-stacked
+COUNT_VARIANTS=${COUNT_VARIANTS:-single}
+
+run_stage() {  # name, time limit (s), command...: the stage's output in $OUT/NAME.log, its status kept
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS status=0
+  echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/session.log"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1 || status=$?
+  tail -n 40 "$OUT/$name.log"
+  echo "== $name rc=$status in $((SECONDS - start)) s" | tee -a "$OUT/session.log"
+}
+
+speed_stage() {
+  run_stage speed 260 "${MARBLE[@]}" bench speed "${POLICY[@]}" "${SIZE[@]}" "${SPEED[@]}" --variants "$ALL_VARIANTS" \
+    --out "$OUT"
+}
+counts_stage() {
+  run_stage counts 100 "${MARBLE[@]}" bench counts "${POLICY[@]}" "${SIZE[@]}" --variants "$COUNT_VARIANTS" --out "$OUT"
+}
+memory_stage() {
+  run_stage memory 100 "${MARBLE[@]}" bench memory "${POLICY[@]}" "${MEMORY[@]}" --variants single,marble-affine \
+    --out "$OUT"
+}
+
 case "$stage" in
-  speed)    marble bench speed --policy sd3.5-arch --out "$OUT" 2>&1 | tee "$OUT/speed.log" ;;
-  memory)   marble bench memory --policy sd3.5-arch --prompts-per-step 2 --images-per-prompt 4 \
-              --timesteps-per-image 2 --out "$OUT" 2>&1 | tee "$OUT/memory.log" ;;
-  fidelity) marble bench fidelity --policy sd3.5-arch --fp32-reference --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" ;;
+  all) speed_stage; counts_stage; memory_stage ;;
+  speed) speed_stage ;;
+  counts) counts_stage ;;
+  memory) memory_stage ;;
+  fidelity) run_stage fidelity 450 "${MARBLE[@]}" bench fidelity "${POLICY[@]}" --fp32-reference --out "$OUT" ;;
+  options)
+    mkdir -p "$OUT/auto" "$OUT/compile"
+    run_stage speed-auto 200 "${MARBLE[@]}" bench speed "${POLICY[@]}" "${SIZE[@]}" --max-minutes 2 \
+      --variants single,marble-affine,marble-rows,marble-affine-stacked \
+      --policy-opt 'gradient_checkpointing="auto"' --out "$OUT/auto"
+    run_stage speed-compile 200 "${MARBLE[@]}" bench speed "${POLICY[@]}" "${SIZE[@]}" --max-minutes 1.5 \
+      --variants single,marble-affine,marble-rows --policy-opt compile=true --out "$OUT/compile" ;;
   # The paper's recipe on SD3.5 Medium's architecture (random weights): every recipe option, the
   # sampler-grid timesteps, the weight EMA, a 40-step held-out evaluation and the best checkpoint,
   # 2 steps of a small batch; offline rewards (the recipe's need weights) on the recipe's prompts.
-  recipe)   marble train --config sd35-marble --policy sd3.5-arch --rewards brightness,sharpness \
-              --steps 2 --set prompts_per_step=3 --set images_per_prompt=2 --set timesteps_per_image=4 \
-              --set eval_every=1 --set eval_max_prompts=3 --set checkpoint_every=1 --set sample_every=0 \
-              --no-progress --out "$OUT/recipe" 2>&1 | tee "$OUT/recipe.log"
-            cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
+  recipe)
+    run_stage recipe 480 "${MARBLE[@]}" train --config sd35-marble "${POLICY[@]}" --rewards brightness,sharpness \
+      --steps 2 --set prompts_per_step=3 --set images_per_prompt=2 --set timesteps_per_image=4 \
+      --set eval_every=1 --set eval_max_prompts=3 --set checkpoint_every=1 --set sample_every=0 \
+      --no-progress --out "$OUT/recipe"
+    cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

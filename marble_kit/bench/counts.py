@@ -237,8 +237,10 @@ def per_pass(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
 
 
 def run_counts_benchmark(settings: SpeedSettings | None = None, variants: Sequence[str] | None = None,
-                         policy: Any = None, on_variant: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One unmeasured and one profiled step per variant (each variant's own trainer)."""
+                         policy: Any = None, on_variant: Callable[[str], None] | None = None,
+                         on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One unmeasured and one profiled step per variant (each variant's own trainer);
+    ``on_report`` gets the report so far after each variant (e.g. to write it)."""
     settings = settings or SpeedSettings(rounds=1, warmup=0)
     known = [v.name for v in VARIANTS]
     chosen = list(variants) if variants else known
@@ -247,16 +249,18 @@ def run_counts_benchmark(settings: SpeedSettings | None = None, variants: Sequen
         raise MarbleError(f"counts bench: unknown variant {unknown[0]!r}; choose from {', '.join(known)}")
     trainers = build_trainers(settings, policy, names=chosen)
     shared = next(iter(trainers.values())).policy
-    rows = []
+    report = {"benchmark": "counts", "settings": asdict(settings), "variants": chosen,
+              "machine": machine_description(shared.device), "policy_fingerprint": policy_fingerprint(shared),
+              "rows": []}
     for name in chosen:
         if on_variant is not None:
             on_variant(name)
         trainers[name].step()  # caches, allocator, OSQP set-up
         counted = count_step(trainers[name])
-        rows.append({"variant": name, **counted, "per_pass": per_pass(counted["phases"])})
-    return {"benchmark": "counts", "settings": asdict(settings), "variants": chosen,
-            "machine": machine_description(shared.device), "policy_fingerprint": policy_fingerprint(shared),
-            "rows": rows}
+        report["rows"].append({"variant": name, **counted, "per_pass": per_pass(counted["phases"])})
+        if on_report is not None:
+            on_report(report)
+    return report
 
 
 # 2026-12-04, NVIDIA H200, main at db82c71 (docs/benchmarks.md): one single-reward step of

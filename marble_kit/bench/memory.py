@@ -73,10 +73,16 @@ class MemorySettings:
     prompts: list = field(default_factory=lambda: list(SPEED_PROMPTS))
     seed: int = 0
     threads: int = 1
+    variants: list = field(default_factory=lambda: [v.name for v in MEMORY_VARIANTS])
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise MarbleError(f"memory bench: steps must be ≥ 1 (got {self.steps})")
+        known = [v.name for v in MEMORY_VARIANTS]
+        unknown = [name for name in self.variants if name not in known]
+        if unknown or "single" not in self.variants or "marble-affine" not in self.variants:
+            raise MarbleError(f"memory bench: variants must include single and marble-affine and come from "
+                              f"{', '.join(known)}; got {', '.join(self.variants)}")
 
     def config(self, variant: MemoryVariant) -> TrainConfig:
         return TrainConfig(
@@ -165,7 +171,7 @@ def run_memory_benchmark(settings: MemorySettings | None = None,
                          on_variant: Callable[[str], None] | None = None) -> dict[str, Any]:
     settings = settings or MemorySettings()
     rows, device, fingerprint = [], "cpu", None
-    for variant in MEMORY_VARIANTS:
+    for variant in (v for v in MEMORY_VARIANTS if v.name in settings.variants):
         if on_variant is not None:
             on_variant(variant.name)
         measured = run_variant(settings, variant)
