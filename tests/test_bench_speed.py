@@ -100,7 +100,8 @@ def test_cli_speed_smoke_writes_json_and_plot(tmp_path):
     result = runner.invoke(app, ["bench", "speed", *SMALL, "--kl", "0", "--json", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert [row["variant"] for row in summary["rows"]] == [v.name for v in VARIANTS]
+    assert [row["variant"] for row in summary["rows"]] == DEFAULT_VARIANTS
+    assert summary["stopping"]["rounds"] == 1 and summary["clock"].startswith("wall clock")
     for row in summary["rows"]:
         assert row["steps"] == 1 and row["median_step_s"] > 0
         assert row["median_update_s"] >= row["median_gradient_step_s"] > 0
@@ -142,7 +143,7 @@ def test_sd35_architecture_bench_is_constructible_on_cpu():
     settings = SpeedSettings(policy="sd3.5-arch", rounds=1, warmup=0, prompts_per_step=1,
                              images_per_prompt=2, timesteps_per_image=1, sample_steps=1)
     trainers = build_trainers(settings, policy=policy)
-    assert list(trainers) == [v.name for v in VARIANTS]
+    assert list(trainers) == DEFAULT_VARIANTS
     assert all(trainer.policy is policy for trainer in trainers.values())
     sample = time_one_step(trainers["marble-affine"])
     assert sample["gram_mode"] == "affine" and sample["gradient_step"] > 0
