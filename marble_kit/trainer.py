@@ -836,13 +836,21 @@ class _DeviceMark:
         return _Elapsed(earlier.event, self.event)
 
 
-@dataclass
 class _Elapsed:
-    """GPU seconds between two recorded events; ``float()`` waits for the later one."""
+    """GPU seconds between recorded events (a sum of such intervals after ``+``); ``float()``
+    waits for the last event."""
 
-    start: Any
-    end: Any
+    def __init__(self, start: Any, end: Any):
+        self.intervals = [(start, end)]
+
+    def __add__(self, other: _Elapsed) -> _Elapsed:
+        total = _Elapsed(*self.intervals[0])
+        total.intervals = self.intervals + other.intervals
+        return total
 
     def __float__(self) -> float:
-        self.end.synchronize()
-        return self.start.elapsed_time(self.end) / 1000.0
+        seconds = 0.0
+        for start, end in self.intervals:
+            end.synchronize()
+            seconds += start.elapsed_time(end) / 1000.0
+        return seconds

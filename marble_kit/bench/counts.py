@@ -154,21 +154,28 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def attribute(events: Sequence[Any], on_gpu: bool) -> dict[str, dict[str, float]]:
     """Per phase: number of ranges and the counts of the operators inside them (innermost)."""
-    ranges = sorted(((e.time_range.start, e.time_range.end, _RANGES[e.name]) for e in events
-                     if e.name in _RANGES), key=lambda r: r[0])
+    ranges = sorted(((e.time_range.start, e.time_range.end, _RANGES[e.name], getattr(e, "thread", 0))
+                     for e in events if e.name in _RANGES), key=lambda r: r[0])
     counts: dict[str, Counter] = defaultdict(Counter)
-    for _start, _end, phase in ranges:
-        counts[phase]["calls"] += 1
+    for range_ in ranges:
+        counts[range_[2]]["calls"] += 1
 
     def phase_of(event) -> str:
-        start, end = event.time_range.start, event.time_range.end
-        best, width = "other", None
-        for r_start, r_end, phase in ranges:
-            if r_start > start:
-                break
-            if end <= r_end and (width is None or r_end - r_start < width):
-                best, width = phase, r_end - r_start
-        return best
+        """The innermost range around the event in its own thread (a reward scored in the
+        background overlaps the rollout), else in any thread (a GPU's backward runs in
+        autograd's device thread while the range waits in the caller's)."""
+        start, end, thread = event.time_range.start, event.time_range.end, getattr(event, "thread", 0)
+        for same_thread in (True, False):
+            best, width = None, None
+            for r_start, r_end, phase, r_thread in ranges:
+                if r_start > start:
+                    break
+                inside = end <= r_end and (not same_thread or r_thread == thread)
+                if inside and (width is None or r_end - r_start < width):
+                    best, width = phase, r_end - r_start
+            if best is not None:
+                return best
+        return "other"
 
     for event in events:
         name = event.name
