@@ -117,6 +117,21 @@ def optimizer(
 
 # ---------------------------------------------------------------- training benchmarks
 DEFAULT_OUT = Path("runs/bench")
+POLICY_OPTION = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights).")
+DEVICE_OPTION = typer.Option(None, "--device", help="Policy device (default: the policy's own).")
+POLICY_OPT_OPTION = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable).")
+IMAGES_OPTION = typer.Option(None, "--images-per-prompt", help="G images per prompt.")
+TIMESTEPS_OPTION = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image.")
+SAMPLE_STEPS_OPTION = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout.")
+
+
+def _batch_overrides(**values: int | None) -> dict:
+    """The batch options given (not None), each checked ≥ 1 (``warmup`` ≥ 0)."""
+    overrides = {k: v for k, v in values.items() if v is not None}
+    for name, value in overrides.items():
+        if value < (0 if name == "warmup" else 1):
+            raise MarbleError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'warmup' else 1} (got {value})")
+    return overrides
 
 
 def _summary(report: dict) -> dict:
@@ -168,9 +183,9 @@ def _ratio_cell(row: dict, key: str) -> str:
 @bench_app.command("speed")
 @user_errors
 def speed(
-    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
-    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
-    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    policy: str = POLICY_OPTION,
+    device: str | None = DEVICE_OPTION,
+    policy_opt: list[str] | None = POLICY_OPT_OPTION,
     rounds: int | None = typer.Option(None, "--rounds", help="At most this many measured steps per variant "
                                       "(default 60; 80 for sd3.5-arch)."),
     min_rounds: int | None = typer.Option(None, "--min-rounds", help="At least this many (default 20; 10 for "
@@ -183,9 +198,9 @@ def speed(
                                         "also marble-affine-stacked, marble-rows-stacked)."),
     warmup: int = typer.Option(2, "--warmup", help="Unmeasured rounds first."),
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (same for all variants)."),
-    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
-    timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
-    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    images_per_prompt: int | None = IMAGES_OPTION,
+    timesteps_per_image: int | None = TIMESTEPS_OPTION,
+    sample_steps: int | None = SAMPLE_STEPS_OPTION,
     kl: float | None = typer.Option(None, "--kl", help="Weight of the reference anchor (default: the trainer's; "
                                     "0 = no anchor and no anchor backward pass)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
@@ -203,13 +218,9 @@ def speed(
         sd35_arch_settings,
     )
 
-    overrides = {"rounds": rounds, "min_rounds": min_rounds, "warmup": warmup, "prompts_per_step": prompts_per_step,
-                 "images_per_prompt": images_per_prompt, "timesteps_per_image": timesteps_per_image,
-                 "sample_steps": sample_steps}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    for name, value in overrides.items():
-        if value < (0 if name == "warmup" else 1):
-            raise MarbleError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'warmup' else 1} (got {value})")
+    overrides = _batch_overrides(rounds=rounds, min_rounds=min_rounds, warmup=warmup, prompts_per_step=prompts_per_step,
+                                 images_per_prompt=images_per_prompt, timesteps_per_image=timesteps_per_image,
+                                 sample_steps=sample_steps)
     if target_halfwidth is not None:
         if not target_halfwidth >= 0:
             raise MarbleError(f"--target-halfwidth must be ≥ 0 (got {target_halfwidth})")
@@ -288,15 +299,15 @@ def _scoring_section(policy: str, policy_options: dict, rounds: int, out: Path, 
 @bench_app.command("counts")
 @user_errors
 def counts(
-    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
-    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
-    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    policy: str = POLICY_OPTION,
+    device: str | None = DEVICE_OPTION,
+    policy_opt: list[str] | None = POLICY_OPT_OPTION,
     variants: str | None = typer.Option(None, "--variants", help="Comma-separated variants of `bench speed` "
                                         "(default: all six; on sd3.5-arch profile one per call, ~1 min each)."),
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step."),
-    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
-    timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
-    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    images_per_prompt: int | None = IMAGES_OPTION,
+    timesteps_per_image: int | None = TIMESTEPS_OPTION,
+    sample_steps: int | None = SAMPLE_STEPS_OPTION,
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Directory for counts.json."),
 ):
@@ -307,12 +318,8 @@ def counts(
     from marble_kit.bench.counts import PASS_PHASES, PHASES, check_count_targets, run_counts_benchmark
     from marble_kit.bench.speed import SpeedSettings, ensure_device, sd35_arch_settings
 
-    overrides = {"prompts_per_step": prompts_per_step, "images_per_prompt": images_per_prompt,
-                 "timesteps_per_image": timesteps_per_image, "sample_steps": sample_steps}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    for name, value in overrides.items():
-        if value < 1:
-            raise MarbleError(f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
+    overrides = _batch_overrides(prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
+                                 timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
     base = {"rounds": 1, "warmup": 0, "min_rounds": 1}
     settings = (sd35_arch_settings(**base, **overrides) if policy == "sd3.5-arch"
                 else SpeedSettings(policy=policy, **base, **overrides))
@@ -487,13 +494,13 @@ def fidelity(
     seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds 0, 1, ... (default 3; 1 for sd3.5-arch)."),
     period: int = typer.Option(10, "--period", help="Solve interval n of the periodic mode."),
     balancer: str = typer.Option("marble", "--balancer", help="Balancer of every mode (marble, mgda-qp)."),
-    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights)."),
-    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
-    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    policy: str = POLICY_OPTION,
+    device: str | None = DEVICE_OPTION,
+    policy_opt: list[str] | None = POLICY_OPT_OPTION,
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (default 4; 2 for sd3.5-arch)."),
-    images_per_prompt: int | None = typer.Option(None, "--images-per-prompt", help="G images per prompt."),
-    timesteps_per_image: int | None = typer.Option(None, "--timesteps-per-image", help="Training timesteps per image."),
-    sample_steps: int | None = typer.Option(None, "--sample-steps", help="Sampler steps of each rollout."),
+    images_per_prompt: int | None = IMAGES_OPTION,
+    timesteps_per_image: int | None = TIMESTEPS_OPTION,
+    sample_steps: int | None = SAMPLE_STEPS_OPTION,
     kl: float | None = typer.Option(None, "--kl", help="Weight of the reference anchor (default: the trainer's)."),
     reward_scope: str = typer.Option("judged", "--reward-scope", help="Rows of each reward's loss: judged or all."),
     rows: str = typer.Option("0.5,0.25", "--rows", help="Comma-separated row fractions f of the sampled-Gram modes."),

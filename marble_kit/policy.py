@@ -147,15 +147,21 @@ def lora_inputs_uncast(module: nn.Module, enabled: bool = True) -> Iterator[None
 
     if module not in _LORA_LAYERS:
         _LORA_LAYERS[module] = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    layers = _LORA_LAYERS[module]
-    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
+    with attributes_set(_LORA_LAYERS[module], "cast_input_dtype_enabled", False):
+        yield
+
+
+@contextmanager
+def attributes_set(objects: Sequence[Any], name: str, value: Any) -> Iterator[None]:
+    """``obj.name = value`` on every object for the block, each one's own value put back after."""
+    before = [getattr(obj, name, True) for obj in objects]
+    for obj in objects:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for layer, value in zip(layers, before):
-            layer.cast_input_dtype_enabled = value
+        for obj, old in zip(objects, before):
+            setattr(obj, name, old)
 
 
 class AutoCheckpointing:
@@ -197,16 +203,8 @@ class AutoCheckpointing:
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return rows * self.row_bytes * self.margin <= self.fraction * (free + cached)
 
-    @contextmanager
-    def switched(self, checkpointing: bool) -> Iterator[None]:
-        before = [m.gradient_checkpointing for m in self._flags]
-        for m in self._flags:
-            m.gradient_checkpointing = checkpointing
-        try:
-            yield
-        finally:
-            for m, value in zip(self._flags, before):
-                m.gradient_checkpointing = value
+    def switched(self, checkpointing: bool):
+        return attributes_set(self._flags, "gradient_checkpointing", checkpointing)
 
     @contextmanager
     def __call__(self, rows: int, probe) -> Iterator[None]:
