@@ -18,7 +18,8 @@
 # (activations kept when they fit) and compile=true (no-grad forwards through torch.compile).
 # `recipe` (a call of its own) smoke-tests the paper's recipe on the architecture (issue 27).
 #
-# Each stage writes its JSON, PNG and log under $OUT (default runs/bench-gpu). The image there
+# Each stage writes its JSON (and PNG) under $OUT (default runs/bench-gpu), all output goes to
+# $OUT/session.log: `all` leaves 5 files (the device tool returns at most 8). The image there
 # has torch (CUDA), transformers, peft, accelerate, pluggy, typer and rich, but not diffusers,
 # osqp or this project: they travel as wheels (with the small packages the image may lack; a
 # wheel of a package it has only shadows it under /tmp/site).
@@ -54,20 +55,19 @@ else
   SIZE=()
   SPEED=(--max-minutes 3 --warmup 1)
   MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 4 --timesteps-per-image 2 --sample-steps 10)
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/session.log"
 fi
 export PYTHONUNBUFFERED=1
 MARBLE=("$PY" -m marble_cli.app)  # (timeout runs programs, not shell functions)
 ALL_VARIANTS=single,weighted-sum,marble-affine,marble-periodic,marble-exact,marble-rows,marble-affine-stacked,marble-rows-stacked
 COUNT_VARIANTS=${COUNT_VARIANTS:-single}
 
-run_stage() {  # name, time limit (s), command...: the stage's output in $OUT/NAME.log, its status kept
+run_stage() {  # name, time limit (s), command...: its output appended to $OUT/session.log, its status kept
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS status=0
   echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/session.log"
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1 || status=$?
-  tail -n 40 "$OUT/$name.log"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >> "$OUT/session.log" 2>&1 || status=$?
   echo "== $name rc=$status in $((SECONDS - start)) s" | tee -a "$OUT/session.log"
 }
 
