@@ -7,7 +7,7 @@ import torch
 
 from marble_kit.errors import MarbleError
 from marble_kit.policy import Policy, offloaded
-from marble_plugins.policies import sd3
+from marble_plugins.policies import flow_matching, sd3
 from marble_plugins.policies.sd3 import build_sd35, build_tiny_sd3
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background",
@@ -381,7 +381,7 @@ def test_lora_inputs_stay_in_the_autocast_dtype_with_the_same_values(batch, monk
         results.append((v.detach(), [p.grad.clone() for p in policy.trainable_parameters()]))
 
     uncast = _copies(run)
-    monkeypatch.setattr(sd3, "lora_inputs_uncast", lambda module, enabled=True: nullcontext())
+    monkeypatch.setattr(flow_matching, "lora_inputs_uncast", lambda module, enabled=True: nullcontext())
     peft_casts = _copies(run)
     (v_ours, g_ours), (v_peft, g_peft) = results
     assert torch.equal(v_ours, v_peft) and all(torch.equal(a, b) for a, b in zip(g_ours, g_peft))
