@@ -22,3 +22,15 @@ settings.register_profile("explore", parent=settings.get_profile("marble"), dera
 settings.register_profile("mutation", parent=settings.get_profile("marble"),
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "marble"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random FLUX.1 saved with FluxPipeline.save_pretrained (tests/tiny_flux.py), once
+    per session: the `flux` policy loads it with `path=` like a downloaded FLUX.1-dev."""
+    from tiny_flux import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "FLUX.1-tiny")

@@ -224,7 +224,9 @@ def random_flux_pipeline(transformer_config: dict[str, Any], vae_config: dict[st
     clip, clip_tokenizer, t5, t5_tokenizer = random_text_encoders(
         transformer_config["pooled_projection_dim"], transformer_config["joint_attention_dim"], device)
     with torch.device(device):
-        transformer = FluxTransformer2DModel(**transformer_config).to(dtype)
+        transformer = FluxTransformer2DModel(**transformer_config)
+        if dtype != torch.float32:
+            transformer.to(dtype)
         vae = AutoencoderKL(**vae_config)
     return flux_pipeline_class()(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config), vae=vae,
