@@ -117,7 +117,7 @@ def optimizer(
 
 # ---------------------------------------------------------------- training benchmarks
 DEFAULT_OUT = Path("runs/bench")
-POLICY_OPTION = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU) or sd3.5-arch (GPU, random weights).")
+POLICY_OPTION = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU), or sd3.5-arch / flux-arch (GPU, random weights).")
 DEVICE_OPTION = typer.Option(None, "--device", help="Policy device (default: the policy's own).")
 POLICY_OPT_OPTION = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable).")
 IMAGES_OPTION = typer.Option(None, "--images-per-prompt", help="G images per prompt.")
@@ -187,9 +187,9 @@ def speed(
     device: str | None = DEVICE_OPTION,
     policy_opt: list[str] | None = POLICY_OPT_OPTION,
     rounds: int | None = typer.Option(None, "--rounds", help="At most this many measured steps per variant "
-                                      "(default 60; 80 for sd3.5-arch)."),
+                                      "(default 60; 80 for sd3.5-arch / flux-arch)."),
     min_rounds: int | None = typer.Option(None, "--min-rounds", help="At least this many (default 20; 10 for "
-                                          "sd3.5-arch), then stop once periodic's interval is within the target."),
+                                          "sd3.5-arch / flux-arch), then stop once periodic's interval is within the target."),
     target_halfwidth: float | None = typer.Option(None, "--target-halfwidth", help="Stop when the 95 % interval "
                                                   "of periodic's whole-step ratio is within ± this (default 0.01; 0: "
                                                   "always --rounds)."),
@@ -211,6 +211,7 @@ def speed(
     then the time concurrent and async scoring save."""
     from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.speed import (
+        GPU_ARCH_POLICIES,
         SpeedSettings,
         ensure_device,
         plot_speed,
@@ -235,7 +236,8 @@ def speed(
         if not kl >= 0:
             raise MarbleError(f"--kl must be ≥ 0 (got {kl})")
         overrides["kl"] = kl
-    settings = sd35_arch_settings(**overrides) if policy == "sd3.5-arch" else SpeedSettings(policy=policy, **overrides)
+    settings = (sd35_arch_settings(policy=policy, **overrides) if policy in GPU_ARCH_POLICIES
+                else SpeedSettings(policy=policy, **overrides))
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:
         options["device"] = device
@@ -316,12 +318,12 @@ def counts(
     from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.common import write_report
     from marble_kit.bench.counts import PASS_PHASES, PHASES, check_count_targets, run_counts_benchmark
-    from marble_kit.bench.speed import SpeedSettings, ensure_device, sd35_arch_settings
+    from marble_kit.bench.speed import GPU_ARCH_POLICIES, SpeedSettings, ensure_device, sd35_arch_settings
 
     overrides = _batch_overrides(prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
                                  timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
     base = {"rounds": 1, "warmup": 0, "min_rounds": 1}
-    settings = (sd35_arch_settings(**base, **overrides) if policy == "sd3.5-arch"
+    settings = (sd35_arch_settings(policy=policy, **base, **overrides) if policy in GPU_ARCH_POLICIES
                 else SpeedSettings(policy=policy, **base, **overrides))
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:
@@ -384,9 +386,9 @@ def counts(
 @bench_app.command("memory")
 @user_errors
 def memory(
-    policy: str = typer.Option("tiny-sd3", "--policy", help="tiny-sd3 (CPU proxy) or sd3.5-arch (GPU, random weights)."),
-    device: str | None = typer.Option(None, "--device", help="Policy device (default: the policy's own)."),
-    policy_opt: list[str] | None = typer.Option(None, "--policy-opt", help="Policy option OPTION=VALUE (repeatable)."),
+    policy: str = POLICY_OPTION,
+    device: str | None = DEVICE_OPTION,
+    policy_opt: list[str] | None = POLICY_OPT_OPTION,
     steps: int = typer.Option(3, "--steps", help="Training steps per variant (each in a fresh process)."),
     prompts_per_step: int = typer.Option(8, "--prompts-per-step", help="P prompts per step."),
     images_per_prompt: int = typer.Option(8, "--images-per-prompt", help="G images per prompt."),
@@ -401,12 +403,12 @@ def memory(
     from marble_cli.train_cmd import _single_plugin_options
     from marble_kit.bench.common import check_positive, write_report
     from marble_kit.bench.memory import MemorySettings, run_memory_benchmark
-    from marble_kit.bench.speed import ensure_device
+    from marble_kit.bench.speed import GPU_ARCH_POLICIES, ensure_device
 
     check_positive(steps=steps, prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
                    timesteps_per_image=timesteps_per_image, sample_steps=sample_steps)
     options = {"gradient_checkpointing": True}
-    if policy == "sd3.5-arch":
+    if policy in GPU_ARCH_POLICIES:
         options.update({"device": "cuda", "mixed_precision": "bf16"})
     options.update(_single_plugin_options(policy_opt, "--policy-opt"))
     if device is not None:
@@ -490,14 +492,14 @@ def conflict(
 @bench_app.command("fidelity")
 @user_errors
 def fidelity(
-    steps: int | None = typer.Option(None, "--steps", help="Training steps per seed, driven by `exact` (default 40; 4 for sd3.5-arch)."),
-    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds 0, 1, ... (default 3; 1 for sd3.5-arch)."),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps per seed, driven by `exact` (default 40; 4 for sd3.5-arch / flux-arch)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds 0, 1, ... (default 3; 1 for sd3.5-arch / flux-arch)."),
     period: int = typer.Option(10, "--period", help="Solve interval n of the periodic mode."),
     balancer: str = typer.Option("marble", "--balancer", help="Balancer of every mode (marble, mgda-qp)."),
     policy: str = POLICY_OPTION,
     device: str | None = DEVICE_OPTION,
     policy_opt: list[str] | None = POLICY_OPT_OPTION,
-    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (default 4; 2 for sd3.5-arch)."),
+    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="P prompts per step (default 4; 2 for sd3.5-arch / flux-arch)."),
     images_per_prompt: int | None = IMAGES_OPTION,
     timesteps_per_image: int | None = TIMESTEPS_OPTION,
     sample_steps: int | None = SAMPLE_STEPS_OPTION,
@@ -517,7 +519,7 @@ def fidelity(
         run_fidelity_benchmark,
         sd35_arch_fidelity_settings,
     )
-    from marble_kit.bench.speed import ensure_device
+    from marble_kit.bench.speed import GPU_ARCH_POLICIES, ensure_device
 
     try:
         fractions = [float(f) for f in split_names(rows)]
@@ -533,7 +535,7 @@ def fidelity(
             raise MarbleError(f"--{name.replace('_', '-')} must be ≥ 1 (got {overrides[name]})")
     if reward_scope not in ("judged", "all"):
         raise MarbleError(f"--reward-scope {reward_scope!r} is not one of judged, all")
-    settings = (sd35_arch_fidelity_settings(**overrides) if policy == "sd3.5-arch"
+    settings = (sd35_arch_fidelity_settings(policy=policy, **overrides) if policy in GPU_ARCH_POLICIES
                 else FidelitySettings(policy=policy, **overrides))
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:

@@ -1,4 +1,4 @@
-"""`marble bench speed`: ratios from alternating samples, targets, the CLI smoke run, sd3.5-arch."""
+"""`marble bench speed`: ratios from alternating samples, targets, the CLI smoke run, sd3.5-arch, flux-arch."""
 
 import inspect
 import json
@@ -144,6 +144,38 @@ def test_sd35_architecture_bench_is_constructible_on_cpu():
                              images_per_prompt=2, timesteps_per_image=1, sample_steps=1)
     trainers = build_trainers(settings, policy=policy)
     assert list(trainers) == DEFAULT_VARIANTS
+    assert all(trainer.policy is policy for trainer in trainers.values())
+    sample = time_one_step(trainers["marble-affine"])
+    assert sample["gram_mode"] == "affine" and sample["gradient_step"] > 0
+
+
+@pytest.mark.parametrize("bench", ["speed", "memory", "fidelity"])
+def test_cli_benches_accept_flux_arch_and_reach_its_factory(bench, monkeypatch):
+    """`marble bench speed|memory|fidelity --policy flux-arch`: the GPU defaults, a one-line
+    refusal without a GPU, and with --device cpu the factory's own refusal of 12 B CPU weights."""
+    monkeypatch.delenv("MARBLE_ALLOW_CPU_ARCH", raising=False)
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["bench", bench, "--policy", "flux-arch"])
+        assert result.exit_code == 2 and "--policy flux-arch needs a CUDA GPU" in result.output
+    result = runner.invoke(app, ["bench", bench, "--policy", "flux-arch", "--device", "cpu"])
+    assert result.exit_code == 2 and "'flux-arch'" in result.output and "MARBLE_ALLOW_CPU_ARCH" in result.output
+
+
+@pytest.mark.slow
+def test_flux_architecture_bench_is_constructible_on_cpu():
+    """The GPU path with FLUX.1-dev's transformer shrunk to one block of each stream type and two
+    heads (the widths of its text inputs, rotary axes and VAE as they are): six trainers share it."""
+    from marble_plugins.policies import flux
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipeline = flux.flux_arch_pipeline("cpu", num_layers=1, num_single_layers=1, num_attention_heads=2)
+    policy = flux.FluxPolicy(pipeline, name="flux-arch", rank=2, device="cpu", resolution=32,
+                             max_sequence_length=4, steps=1)
+    assert policy.guidance_embeds and policy.latent_shape(1) == (1, 16, 4, 4)
+    settings = SpeedSettings(policy="flux-arch", rounds=1, warmup=0, prompts_per_step=1,
+                             images_per_prompt=2, timesteps_per_image=1, sample_steps=1)
+    trainers = build_trainers(settings, policy=policy)
     assert all(trainer.policy is policy for trainer in trainers.values())
     sample = time_one_step(trainers["marble-affine"])
     assert sample["gram_mode"] == "affine" and sample["gradient_step"] > 0

@@ -639,11 +639,11 @@ def probe_registered():
     get_registry().entries["reward"].pop(PROBE, None)
 
 
-def _config_file(tmp_path: Path) -> Path:
+def _config_file(tmp_path: Path, **extra) -> Path:
     import tomli_w
 
     path = tmp_path / "run.toml"
-    path.write_text(tomli_w.dumps(SETTINGS))
+    path.write_text(tomli_w.dumps({**SETTINGS, **extra}))
     return path
 
 
@@ -811,6 +811,28 @@ def test_zero_sharded_optimizer_matches_one_process_and_checkpoints_the_whole_st
         actual, expected = (torch.cat([state["state"][i][key].reshape(-1) for i in sorted(single["state"])])
                             for state in (sharded, single))
         assert (actual - expected).norm() <= 1e-2 * expected.norm(), key
+
+
+@pytest.mark.slow
+def test_two_flux_processes_match_one_process(tmp_path, tiny_flux_dir, probe_registered, monkeypatch):
+    """The tiny random FLUX.1 (tests/tiny_flux.py) on 2 gloo ranks equals one process: nothing
+    of the distributed step is SD3's (affine Gram every step, groups split across the ranks)."""
+    from tiny_flux import TINY_FLUX_OPTIONS
+
+    flux = {"policy": "flux", "policy_options": {"path": str(tiny_flux_dir), **TINY_FLUX_OPTIONS},
+            "gram": "affine", "sample_steps": 2, "checkpoint_every": 0, "sample_every": 0}
+    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch, **flux)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path, **flux)),
+                        "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress"], env={DUMP_ENV: str(dump)})
+    assert done.returncode == 0, output(done)
+    dumps = _dumps(dump)
+    _assert_ranks_agree(dumps)
+    assert [m["gram_mode"] for m in dumps[0]["history"]] == ["affine", "affine"]
+    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
+        _assert_same_metrics(actual, expected, f"step {step}")
+    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
 
 
 if __name__ == "__main__":

@@ -141,16 +141,16 @@ def test_the_grid_is_shifted_by_the_token_count_for_dev_and_fixed_for_schnell(po
     μ = 0.5 + (0.65 / 3840)·(seq_len − 256) (calculate_shift, written out); schnell: unshifted."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    x = torch.zeros(policy.latent_shape(1))  # 16 × 16 latents → 64 image tokens
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(policy.pipeline.scheduler.config)
-    policy._set_timesteps(scheduler, 4, x)
+    assert policy.image_seq_len() == 64  # 32 px → 16 × 16 latents → 8 × 8 packed patches
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (64 - 256)
     sigma = np.linspace(1.0, 0.25, 4)
     expected = math.exp(mu) / (math.exp(mu) + 1 / sigma - 1)
-    np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), expected, rtol=1e-6)
-    assert float(scheduler.sigmas[-1]) == 0.0
+    # what sample() steps through, and what a `timestep_schedule = "grid"` run trains on
+    np.testing.assert_allclose(policy.sampling_timesteps(4).numpy(), expected, rtol=1e-6)
+    scheduler = policy._scheduler(4, "cpu")
+    assert float(scheduler.sigmas[-1]) == 0.0 and len(scheduler.timesteps) == 4
     schnell = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    policy._set_timesteps(schnell, 4, x)
+    policy._set_timesteps(schnell, 4, "cpu")
     np.testing.assert_allclose(schnell.sigmas[:-1].numpy(), sigma, rtol=1e-6)
 
 

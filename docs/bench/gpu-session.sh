@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU checks of docs/benchmarks.md (SD3.5 Medium's architecture, random weights),
-# for a session that is lent a GPU machine (the `device` tool). Run from the repository root:
+# The prepared GPU checks of docs/benchmarks.md (SD3.5 Medium's and FLUX.1-dev's architectures,
+# random weights), for a session that is lent a GPU machine (the `device` tool). Run from the
+# repository root:
 #
 #   docs/bench/gpu-session.sh wheels     # here, once: the wheels the GPU image lacks -> .whl/
 #   docs/bench/gpu-session.sh all        # there (carry .whl): THE one call, ~7.5 min of an H200
 #   docs/bench/gpu-session.sh speed|counts|memory|fidelity|options|recipe   # one stage per call
+#   docs/bench/gpu-session.sh flux       # a call of its own: the benches on FLUX.1-dev's architecture
 #
 # `all` runs, each under its own time limit so that the call ends within 8 minutes:
 #   speed   (~4 min)  the six variants + the two stacked ones, rounds until periodic's interval is
@@ -17,6 +19,10 @@
 # `options` (a second call, ~6 min) measures what is opt-in: gradient_checkpointing="auto"
 # (activations kept when they fit) and compile=true (no-grad forwards through torch.compile).
 # `recipe` (a call of its own) smoke-tests the paper's recipe on the architecture (issue 27).
+# `flux` (a call of its own, ~7.5 min) runs speed (the six variants), memory (single, affine) and
+# fidelity on FLUX.1-dev's architecture (`flux-arch`: 11.9 B parameters, random weights) with a
+# smaller batch than SD3.5's (4 rows of 1024 image + 128 T5 tokens) into $OUT/flux; its sizes and
+# time limits are estimates, not yet measured.
 #
 # Each stage writes its JSON (and PNG) under $OUT (default runs/bench-gpu), all output goes to
 # $OUT/session.log: `all` leaves 5 files (the device tool returns at most 8). The image there
@@ -27,7 +33,7 @@
 # GPU_SESSION_CPU_TEST=1 runs the same stages on this CPU with tiny-sd3 and tiny settings (no
 # wheels, no nvidia-smi): how the stages are checked before a GPU call.
 set -euo pipefail
-stage=${1:?usage: gpu-session.sh wheels|all|speed|counts|memory|fidelity|options|recipe}
+stage=${1:?usage: gpu-session.sh wheels|all|speed|counts|memory|fidelity|options|recipe|flux}
 OUT=${OUT:-runs/bench-gpu}
 mkdir -p "$OUT"
 if [ "$stage" = wheels ]; then
@@ -47,6 +53,8 @@ if [ "${GPU_SESSION_CPU_TEST:-0}" = 1 ]; then
   SIZE=(--prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
   SPEED=(--rounds 3 --min-rounds 2 --warmup 1 --max-minutes 1)
   MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
+  FLUX_POLICY=("${POLICY[@]}")  # flux-arch needs a GPU: the CPU check runs the stage's commands on tiny-sd3
+  FLUX_SIZE=("${SIZE[@]}")
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -55,6 +63,8 @@ else
   SIZE=()
   SPEED=(--max-minutes 3 --warmup 1)
   MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 4 --timesteps-per-image 2 --sample-steps 10)
+  FLUX_POLICY=(--policy flux-arch --policy-opt max_sequence_length=128)
+  FLUX_SIZE=(--prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 1 --sample-steps 6)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/session.log"
 fi
 export PYTHONUNBUFFERED=1
@@ -105,5 +115,13 @@ case "$stage" in
       --set eval_every=1 --set eval_max_prompts=3 --set checkpoint_every=1 --set sample_every=0 \
       --no-progress --out "$OUT/recipe"
     cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
+  flux)
+    mkdir -p "$OUT/flux"
+    run_stage flux-speed 250 "${MARBLE[@]}" bench speed "${FLUX_POLICY[@]}" "${FLUX_SIZE[@]}" "${SPEED[@]}" \
+      --variants single,weighted-sum,marble-affine,marble-periodic,marble-exact,marble-rows --out "$OUT/flux"
+    run_stage flux-memory 100 "${MARBLE[@]}" bench memory "${FLUX_POLICY[@]}" "${FLUX_SIZE[@]}" --steps 1 \
+      --variants single,marble-affine --out "$OUT/flux"
+    run_stage flux-fidelity 110 "${MARBLE[@]}" bench fidelity "${FLUX_POLICY[@]}" "${FLUX_SIZE[@]}" --steps 2 \
+      --fp32-reference --out "$OUT/flux" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -106,7 +106,8 @@ class FidelitySettings:
 
 
 def sd35_arch_fidelity_settings(**overrides: Any) -> FidelitySettings:
-    """SD3.5 Medium's architecture on one GPU: a small batch, bf16, checkpointing, LoRA r 32."""
+    """SD3.5 Medium's architecture on one GPU: a small batch, bf16, checkpointing, LoRA r 32 (also the
+    other GPU architectures' defaults, e.g. ``policy="flux-arch"``)."""
     settings = {"policy": "sd3.5-arch", "steps": 4, "seeds": 1, "prompts_per_step": 2, "images_per_prompt": 4,
                 "timesteps_per_image": 2, "sample_steps": 10, "lr": 3e-4,
                 "policy_options": {"device": "cuda", "mixed_precision": "bf16", "gradient_checkpointing": True}}

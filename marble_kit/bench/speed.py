@@ -146,8 +146,13 @@ class SpeedSettings:
             sample_steps=self.sample_steps, kl=self.kl, out="-", checkpoint_every=0, sample_every=0)
 
 
+# Real models' architectures with random weights: timed on a GPU, with the settings below.
+GPU_ARCH_POLICIES = ("sd3.5-arch", "flux-arch")
+
+
 def sd35_arch_settings(**overrides: Any) -> SpeedSettings:
-    """Defaults for SD3.5 Medium's architecture on one GPU: a smaller batch, bf16, checkpointing."""
+    """Defaults for SD3.5 Medium's architecture on one GPU: a smaller batch, bf16, checkpointing
+    (also those of the other GPU architectures, e.g. ``policy="flux-arch"``)."""
     settings = {"policy": "sd3.5-arch", "rounds": 80, "min_rounds": 10, "warmup": 2, "prompts_per_step": 2,
                     "images_per_prompt": 4, "timesteps_per_image": 2, "sample_steps": 10,
                     "policy_options": {"device": "cuda", "mixed_precision": "bf16",
@@ -429,10 +434,11 @@ def plot_speed(report: dict[str, Any], path) -> Any:
 
 
 def ensure_device(policy_options: dict, policy: str) -> dict:
-    """`sd3.5-arch` defaults to CUDA; on a machine without one say so before building 2 B weights."""
+    """The GPU architectures default to CUDA; on a machine without one say so before building
+    billions of weights."""
     options = dict(policy_options)
-    if policy == "sd3.5-arch" and str(options.get("device", "cuda")).startswith("cuda") \
+    if policy in GPU_ARCH_POLICIES and str(options.get("device", "cuda")).startswith("cuda") \
             and not torch.cuda.is_available():
-        raise MarbleError("speed bench: --policy sd3.5-arch needs a CUDA GPU (none is visible); run it "
+        raise MarbleError(f"speed bench: --policy {policy} needs a CUDA GPU (none is visible); run it "
                           "on a GPU machine, or pass --device cpu with MARBLE_ALLOW_CPU_ARCH=1 to insist")
     return options

@@ -307,18 +307,19 @@ class FlowMatchingPolicy:
     def _default_resolution(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
 
-    def _set_timesteps(self, scheduler, steps: int, x: torch.Tensor) -> None:
+    def _set_timesteps(self, scheduler, steps: int, device: torch.device | str) -> None:
         """The sampler's grid, as diffusers' pipeline sets it: ``steps`` from the scheduler's own
         spacing, with its dynamic shift μ (from the image's token count) when it uses one."""
         extra = {}
         if scheduler.config.get("use_dynamic_shifting"):
-            extra["mu"] = self.dynamic_shift(scheduler, self.image_seq_len(x))
-        scheduler.set_timesteps(steps, device=self.device, **extra)
+            extra["mu"] = self.dynamic_shift(scheduler, self.image_seq_len())
+        scheduler.set_timesteps(steps, device=device, **extra)
 
-    def image_seq_len(self, x: torch.Tensor) -> int:
-        """Image tokens the transformer sees for latents x (patches of ``patch_size``²)."""
+    def image_seq_len(self) -> int:
+        """Image tokens the transformer sees at ``resolution`` (patches of ``patch_size``²)."""
         patch = self.transformer.config.get("patch_size", 1) or 1
-        return (x.shape[-2] // patch) * (x.shape[-1] // patch)
+        side = self.resolution // self.vae_scale_factor
+        return (side // patch) ** 2
 
     @staticmethod
     def dynamic_shift(scheduler, image_seq_len: int) -> float:
@@ -538,11 +539,22 @@ class FlowMatchingPolicy:
                 for i in range(0, len(prompts), chunk)])
         return Rollout(prompts=prompts, x0=x0, images=self.decode(x0), cond=cond)
 
-    def _euler(self, x: torch.Tensor, cond: PromptCond, steps: int) -> torch.Tensor:
+    def _scheduler(self, steps: int, device: torch.device | str):
+        """A fresh Euler scheduler of the pipeline's config with the ``steps``-step grid set."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
-        self._set_timesteps(scheduler, steps, x)
+        self._set_timesteps(scheduler, steps, device)
+        return scheduler
+
+    def sampling_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        """The t ∈ [0, 1] at which :meth:`sample` evaluates the velocity with ``steps`` sampler
+        steps, first to last (float32 on the CPU): the scheduler's timesteps / 1000, i.e. its
+        shifted σ's."""
+        return (self._scheduler(steps or self.steps, "cpu").timesteps / 1000.0).float()
+
+    def _euler(self, x: torch.Tensor, cond: PromptCond, steps: int) -> torch.Tensor:
+        scheduler = self._scheduler(steps, self.device)
         negative = self._negative_cond(len(cond)) if self.cfg_scale > 1 else None
         for timestep in scheduler.timesteps:
             t = timestep / 1000.0

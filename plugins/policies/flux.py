@@ -127,15 +127,16 @@ class FluxPolicy(FlowMatchingPolicy):
             [prompt], device=self.device, max_sequence_length=self.max_sequence_length)
         return TextCond(embeds, pooled)
 
-    def image_seq_len(self, x: torch.Tensor) -> int:
-        return (x.shape[-2] // 2) * (x.shape[-1] // 2)
+    def image_seq_len(self) -> int:
+        side = self.resolution // self.vae_scale_factor
+        return (side // 2) ** 2  # packed 2×2 patches
 
-    def _set_timesteps(self, scheduler, steps: int, x: torch.Tensor) -> None:
+    def _set_timesteps(self, scheduler, steps: int, device: torch.device | str) -> None:
         """FluxPipeline's grid: sigmas linspace(1, 1/N, N), shifted by the scheduler (dynamically
         with μ from the token count when its config says so; μ is ignored otherwise)."""
         sigmas = np.linspace(1.0, 1 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=self.device,
-                                mu=self.dynamic_shift(scheduler, self.image_seq_len(x)))
+        scheduler.set_timesteps(sigmas=sigmas, device=device,
+                                mu=self.dynamic_shift(scheduler, self.image_seq_len()))
 
     def _ids(self, text_length: int, height: int, width: int, device: torch.device):
         """(txt_ids [L, 3] zeros, img_ids [h/2·w/2, 3] = (0, row, column)) as FluxPipeline makes them."""
