@@ -54,7 +54,7 @@ def train(
     config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML config file (keys of TrainConfig), or a shipped one by name: sd35-marble, sd35-equal-alpha."),
     rewards: str | None = typer.Option(None, "--rewards", "-r", help="Comma-separated reward plugins."),
     balancer: str | None = typer.Option(None, "--balancer", "-b", help="Balancer plugin (marble, mgda-qp, weighted-sum, ...)."),
-    policy: str | None = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5)."),
+    policy: str | None = typer.Option(None, "--policy", "-p", help="Policy plugin (tiny-sd3, sd3.5, flux, ...)."),
     prompts: list[str] | None = typer.Option(None, "--prompts", help="Prompt set: built-in name, .txt/.jsonl file or .toml manifest; FILE:reward1+reward2 tags its rewards. Repeatable."),
     steps: int | None = typer.Option(None, "--steps", "-n", help="Optimizer steps."),
     out: str | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/marble-<time>)."),
