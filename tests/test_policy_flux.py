@@ -14,7 +14,7 @@ from tiny_flux import PROMPTS, TINY_FLUX_OPTIONS, tiny_flux_pipeline
 
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
-from marble_kit.policy import Policy, iter_lora_pairs
+from marble_kit.policy import Policy, has_cross_sample_ops, iter_lora_pairs
 from marble_kit.registry import build
 from marble_kit.trainer import Trainer, build_components
 from marble_plugins.policies import flux
@@ -73,6 +73,7 @@ def test_flux_loads_through_its_loader_from_the_option_or_the_environment(tiny_f
             "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff_context.net.2"} <= layers
     assert not any(name.endswith(("proj_mlp", "proj_out", "x_embedder")) for name in layers)
     assert {name.split(".", 2)[2] for name in layers} == set(flux.DEFAULT_TARGET_MODULES)
+    assert has_cross_sample_ops(by_option.trainable_module()) is None  # `affine` may run on it
 
 
 def test_missing_or_partial_weights_and_bad_options_are_one_line_errors(tiny_flux_dir, tmp_path, monkeypatch):

@@ -82,6 +82,20 @@ def test_missing_sd35_directory_names_model_option_and_env(monkeypatch, tmp_path
         build_sd35()
 
 
+def test_a_download_without_t5_loads_without_it_and_a_missing_component_is_one_line(tmp_path):
+    """A StableDiffusion3Pipeline directory downloaded without T5's 10 GB (model_index.json still
+    names it) loads with T5 skipped; any other missing component folder is refused by name."""
+    import shutil
+
+    no_t5 = shutil.copytree(sd3.TINY_PRIOR_DIR, tmp_path / "no-t5")
+    shutil.rmtree(no_t5 / "text_encoder_3")
+    assert sd3.load_sd3_pipeline(no_t5).text_encoder_3 is None
+    shutil.rmtree(no_t5 / "vae")
+    with pytest.raises(MarbleError, match=r"names `vae` but .*no-t5/vae/ is missing") as error:
+        sd3.load_sd3_pipeline(no_t5)
+    assert "\n" not in str(error.value)
+
+
 def test_missing_tiny_prior_and_bad_options_are_marble_errors(tmp_path):
     with pytest.raises(MarbleError, match="tiny_prior"):
         build_tiny_sd3(path=str(tmp_path))

@@ -28,7 +28,6 @@ from marble_plugins.policies.flow_matching import (
     MIXED_PRECISION,
     FlowMatchingPolicy,
     TextCond,
-    check_pipeline_directory,
     default_device,
     load_pipeline,
     quietly_imported,
@@ -80,7 +79,8 @@ def load_sd3_pipeline(directory: str | Path, *, use_t5: bool = True,
     T5 is skipped when ``use_t5`` is false or the directory has none (``text_encoder_3`` null).
     """
     directory = Path(directory)
-    index = check_pipeline_directory(directory, "StableDiffusion3Pipeline")
+    index_file = directory / "model_index.json"  # load_pipeline refuses a directory without it
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     t5_entry = index.get("text_encoder_3") or [None, None]
     skip_t5 = not use_t5 or t5_entry[0] is None or not (directory / "text_encoder_3").is_dir()
     return load_pipeline(sd3_pipeline_class(), directory, torch_dtype=torch_dtype,
