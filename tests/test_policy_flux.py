@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from policy_checks import assert_checkpointing_keeps_gradients, perturb
+from test_trainer import _captured_batch, assert_affine_equals_exact_with_absent_rewards
 from tiny_flux import PROMPTS, TINY_FLUX_OPTIONS, tiny_flux_pipeline
 
 from marble_kit.config import TrainConfig
@@ -36,13 +38,6 @@ def batch(policy):
     x_t = torch.randn(policy.latent_shape(3), generator=generator)
     t = torch.rand(3, generator=generator)
     return x_t, t, policy.encode_prompts(PROMPTS[:3])
-
-
-def perturb(policy, seed: int, scale: float = 0.2) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def pipeline_images(pipeline, noise, steps, **settings):
@@ -192,7 +187,7 @@ def test_velocity_views_update_old_and_state_round_trip(tiny_flux_dir, batch):
     x_t, t, cond = batch
     policy = tiny(tiny_flux_dir, seed=0)
     torch.testing.assert_close(policy.velocity(x_t, t, cond).detach(), policy.ref_velocity(x_t, t, cond))
-    perturb(policy, seed=1)
+    perturb(policy, seed=1, scale=0.2)
     v = policy.velocity(x_t, t, cond)
     v_old, v_ref = policy.old_velocity(x_t, t, cond), policy.ref_velocity(x_t, t, cond)
     assert v.shape == x_t.shape and v.dtype == torch.float32
@@ -220,7 +215,7 @@ def test_adapter_round_trip_in_diffusers_format(tiny_flux_dir, batch, tmp_path):
 
     x_t, t, cond = batch
     policy = tiny(tiny_flux_dir, rank=4, alpha=12)  # alpha ≠ 2·rank: the scaling must survive
-    perturb(policy, seed=4)
+    perturb(policy, seed=4, scale=0.2)
     file = policy.save_adapter(tmp_path)
     keys = load_file(file)
     assert all(k.startswith("transformer.") for k in keys)
@@ -237,14 +232,7 @@ def test_adapter_round_trip_in_diffusers_format(tiny_flux_dir, batch, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_runs(tiny_flux_dir, batch):
     x_t, t, cond = batch
     plain, checkpointed = tiny(tiny_flux_dir), tiny(tiny_flux_dir, gradient_checkpointing=True)
-    perturb(plain, seed=5)
-    checkpointed.load_state_dict(plain.state_dict())
-    grads = []
-    for policy in (plain, checkpointed):
-        policy.transformer.train()  # checkpointing is active in training mode
-        policy.velocity(x_t, t, cond).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert_checkpointing_keeps_gradients(plain, checkpointed, x_t, t, cond)
     bf16 = tiny(tiny_flux_dir, mixed_precision="bf16")
     bf16.load_state_dict(plain.state_dict())
     v32, v16 = plain.velocity(x_t, t, cond), bf16.velocity(x_t, t, cond)
@@ -266,17 +254,6 @@ def flux_trainer(directory, **overrides) -> Trainer:
     return Trainer(config, build_components(config))
 
 
-def captured_batch(trainer):
-    captured = {}
-    fold = trainer._fold_timesteps
-    trainer._fold_timesteps = lambda *args: captured.setdefault("batch", fold(*args))
-    try:
-        trainer.step()
-    finally:
-        trainer._fold_timesteps = fold
-    return captured["batch"]
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_affine_equals_exact_on_flux_with_masked_rewards(tiny_flux_dir, checkpointing):
     """The two-pass `affine` Gram (LoRA capture on FLUX's dual- and single-stream layers) equals
@@ -287,15 +264,8 @@ def test_affine_equals_exact_on_flux_with_masked_rewards(tiny_flux_dir, checkpoi
     trainer = flux_trainer(tiny_flux_dir, prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2,
                            gram="exact", policy_options={"gradient_checkpointing": checkpointing})
     assert trainer.policy.transformer.is_gradient_checkpointing == checkpointing
-    batch = captured_batch(trainer)
-    absent = batch.coef.sum(1) == 0
-    assert absent.any() and (~absent).any()  # one prompt set: the other specialists judge nothing
-    exact, _ = trainer._exact_gradients(batch, anchor=False)
-    affine, _ = trainer._affine_gradients(batch, anchor=False)
-    assert not exact[absent].any() and not affine[absent].any()
-    assert (affine - exact).abs().max() <= 1e-6 * exact.abs().max() * 10
-    gram_a, gram_e = (g.double() @ g.double().T for g in (affine, exact))
-    assert (gram_a - gram_e).abs().max() <= 1e-5 * gram_e.abs().max()
+    # one prompt set per step: the other specialists judge nothing
+    exact, absent = assert_affine_equals_exact_with_absent_rewards(trainer, _captured_batch(trainer))
     names = trainer.policy._trainable_names
     single = torch.tensor([n.startswith("single_transformer_blocks") for n in names])
     sizes = torch.tensor([p.numel() for p in trainer.params])

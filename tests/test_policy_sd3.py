@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from policy_checks import assert_checkpointing_keeps_gradients, perturb
 
 from marble_kit.errors import MarbleError
 from marble_kit.policy import Policy, offloaded
@@ -25,14 +26,6 @@ def batch(policy):
     x_t = torch.randn(policy.latent_shape(len(PROMPTS)), generator=generator)
     t = torch.rand(len(PROMPTS), generator=generator)
     return x_t, t, policy.encode_prompts(PROMPTS)
-
-
-def perturb(policy, seed: int, scale: float = 0.1) -> None:
-    """Move the trainable LoRA weights away from their zero-B initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def test_tiny_policy_satisfies_the_contract(policy):
@@ -227,15 +220,7 @@ def test_adapter_round_trips_through_diffusers_load_lora_weights(tmp_path, batch
 def test_gradient_checkpointing_gives_the_same_gradients(batch):
     x_t, t, cond = batch
     plain, checkpointed = build_tiny_sd3(seed=0), build_tiny_sd3(seed=0, gradient_checkpointing=True)
-    perturb(plain, seed=5)
-    checkpointed.load_state_dict(plain.state_dict())
-    assert checkpointed.transformer.is_gradient_checkpointing
-    grads = []
-    for policy in (plain, checkpointed):
-        policy.transformer.train()  # checkpointing is active in training mode
-        policy.velocity(x_t, t, cond).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert_checkpointing_keeps_gradients(plain, checkpointed, x_t, t, cond)
 
 
 def test_bf16_autocast_runs_close_to_fp32(batch):

@@ -366,7 +366,12 @@ def test_affine_equals_exact_when_some_rewards_judge_nothing(checkpointing, micr
     policy's gradient checkpointing (its forward replayed inside the capture) and micro-batches."""
     trainer = _trainer(prompts_per_step=1, images_per_prompt=4, timesteps_per_image=2, gram="exact",
                        micro_batch=micro_batch, policy_options={"gradient_checkpointing": checkpointing})
-    batch = _captured_batch(trainer)
+    assert_affine_equals_exact_with_absent_rewards(trainer, _captured_batch(trainer))
+
+
+def assert_affine_equals_exact_with_absent_rewards(trainer, batch):
+    """Absent rewards get exactly zero gradients in both modes, the present ones agree to
+    float32 round-off (also the FLUX.1 test's check); returns the exact [K, P] and the absent mask."""
     absent = batch.coef.sum(1) == 0
     assert absent.any() and (~absent).any()
     exact, _ = trainer._exact_gradients(batch, anchor=False)
@@ -375,6 +380,7 @@ def test_affine_equals_exact_when_some_rewards_judge_nothing(checkpointing, micr
     assert (affine - exact).abs().max() <= 1e-6 * exact.abs().max() * 10
     gram_a, gram_e = (g.double() @ g.double().T for g in (affine, exact))
     assert (gram_a - gram_e).abs().max() <= 1e-5 * gram_e.abs().max()
+    return exact, absent
 
 
 def test_numerical_zero_ratio_follows_the_dtype():

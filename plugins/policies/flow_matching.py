@@ -99,6 +99,14 @@ class TextCond(PromptCond):
 
 # ---------------------------------------------------------------- loading
 
+def autocast_dtype_of(policy: str, mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype of a ``mixed_precision`` option (None for "no"), or a one-line error."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise MarbleError(f"policy {policy!r}: mixed_precision={mixed_precision!r} is not one of "
+                          f"{', '.join(MIXED_PRECISION)}; pass e.g. mixed_precision=\"bf16\"")
+    return MIXED_PRECISION[mixed_precision]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -244,9 +252,7 @@ class FlowMatchingPolicy:
                  resolution: int | None = None, steps: int = 25, cfg_scale: float = 1.0,
                  sample_batch_size: int = 0, prompt_cache_size: int = 1024,
                  threads: int | None = None, compile: bool | str = False):
-        if mixed_precision not in MIXED_PRECISION:
-            raise MarbleError(f"policy {name!r}: mixed_precision={mixed_precision!r} is not one of "
-                              f"{', '.join(MIXED_PRECISION)}; pass e.g. mixed_precision=\"bf16\"")
+        autocast_dtype = autocast_dtype_of(name, mixed_precision)
         if rank < 1:
             raise MarbleError(f"policy {name!r}: LoRA rank must be ≥ 1 (got {rank})")
         if gradient_checkpointing not in (True, False, "auto"):
@@ -261,7 +267,7 @@ class FlowMatchingPolicy:
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.device = torch.device(device) if device is not None else default_device()
-        self.autocast_dtype = MIXED_PRECISION[mixed_precision]
+        self.autocast_dtype = autocast_dtype
         self.offload_vae = offload_vae
         self.offload_text_encoders = offload_text_encoders
         self.max_sequence_length = max_sequence_length

@@ -37,14 +37,15 @@ import torch
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_plugins.policies.flow_matching import (
-    MIXED_PRECISION,
     FlowMatchingPolicy,
     TextCond,
+    autocast_dtype_of,
     default_device,
     load_pipeline,
     quietly_imported,
     resolve_model_directory,
 )
+from marble_plugins.policies.sd3 import SD35_VAE_CONFIG
 
 FLUX_MODEL_ID = "black-forest-labs/FLUX.1-dev"
 FLUX_PATH_ENV = "MARBLE_FLUX_PATH"
@@ -65,13 +66,7 @@ FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = {
     "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
 }
 # FLUX.1's VAE (vae/config.json): SD3's architecture with its own latent scale and shift.
-FLUX_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
-    "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
-    "use_quant_conv": False, "use_post_quant_conv": False,
-}
+FLUX_VAE_CONFIG: dict[str, Any] = {**SD35_VAE_CONFIG, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # FLUX.1-dev's scheduler (scheduler/scheduler_config.json; schnell: shift 1, no dynamic shift).
 FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
@@ -255,10 +250,7 @@ def build_flux(path: str | None = None, rank: int = 32, alpha: float | None = No
     The defaults are FluxPipeline's sampling (28 steps, guidance 3.5, 512 T5 tokens) at 512 px,
     with the memory options one GPU needs. For schnell pass e.g. ``steps=4, max_sequence_length=256``.
     """
-    if mixed_precision not in MIXED_PRECISION:  # before loading 12 B parameters
-        raise MarbleError(f"policy 'flux': mixed_precision={mixed_precision!r} is not one of "
-                          f"{', '.join(MIXED_PRECISION)}; pass e.g. mixed_precision=\"bf16\"")
-    dtype = MIXED_PRECISION[mixed_precision] or torch.float32
+    dtype = autocast_dtype_of("flux", mixed_precision) or torch.float32  # checked before loading 12 B weights
     target_device = torch.device(device) if device else default_device()
     pipeline = load_flux_pipeline(resolve_flux_path(path),
                                   torch_dtype=dtype if target_device.type == "cuda" else torch.float32)
@@ -283,10 +275,7 @@ def build_flux_arch(rank: int = 32, alpha: float | None = None,
         raise MarbleError(
             "policy 'flux-arch' builds a 12 B-parameter transformer: run it on a GPU "
             "(`--policy-opt device=cuda`), or set MARBLE_ALLOW_CPU_ARCH=1 to insist on the CPU")
-    if mixed_precision not in MIXED_PRECISION:
-        raise MarbleError(f"policy 'flux-arch': mixed_precision={mixed_precision!r} is not one of "
-                          f"{', '.join(MIXED_PRECISION)}; pass e.g. mixed_precision=\"bf16\"")
-    dtype = MIXED_PRECISION[mixed_precision] or torch.float32
+    dtype = autocast_dtype_of("flux-arch", mixed_precision) or torch.float32
     with torch.random.fork_rng(devices=[target_device] if target_device.type == "cuda" else []):
         torch.manual_seed(seed)
         pipeline = flux_arch_pipeline(target_device, dtype if target_device.type == "cuda" else torch.float32)
