@@ -90,17 +90,20 @@ class FluxPolicy(FlowMatchingPolicy):
 
     def __init__(self, pipeline, *, name: str = "flux", guidance_scale: float = 3.5,
                  true_cfg_scale: float = 1.0, **options: Any):
+        vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        resolution = options.get("resolution") or DEFAULT_SAMPLE_SIZE * vae_scale_factor
+        multiple = 2 * vae_scale_factor  # the VAE's downsampling, then FLUX's 2×2 patches
+        if resolution % multiple:
+            raise MarbleError(f"policy {name!r}: resolution {resolution} is not a multiple of {multiple} "
+                              f"(the VAE's ×{vae_scale_factor} and 2×2 patches); pass e.g. "
+                              f"resolution={max(multiple, round(resolution / multiple) * multiple)}")
+        if options.get("max_sequence_length", 512) > 512:
+            raise MarbleError(f"policy {name!r}: max_sequence_length {options['max_sequence_length']} is over "
+                              "FLUX.1's 512 T5 tokens; pass max_sequence_length=512 or less")
         self.guidance_scale = guidance_scale
         self._position_ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        super().__init__(pipeline, name=name, cfg_scale=true_cfg_scale, **options)
-        multiple = 2 * self.vae_scale_factor  # the VAE's downsampling, then FLUX's 2×2 patches
-        if self.resolution % multiple:
-            raise MarbleError(f"policy {name!r}: resolution {self.resolution} is not a multiple of {multiple} "
-                              f"(the VAE's ×{self.vae_scale_factor} and 2×2 patches); pass e.g. "
-                              f"resolution={max(multiple, round(self.resolution / multiple) * multiple)}")
-        if self.max_sequence_length > 512:
-            raise MarbleError(f"policy {name!r}: max_sequence_length {self.max_sequence_length} is over "
-                              "FLUX.1's 512 T5 tokens; pass max_sequence_length=512 or less")
+        super().__init__(pipeline, name=name, cfg_scale=true_cfg_scale,
+                         **{"max_sequence_length": 512, **options})
 
     @property
     def latent_channels(self) -> int:
