@@ -1,15 +1,15 @@
 """FLUX.1 end to end, as a user runs it, on the tiny random FLUX.1 (tests/tiny_flux.py):
 
-* `marble train --policy flux --policy-opt path=DIR …` for 2 steps (here, the reference), and the
-  same run stopped after step 1 in a subprocess, then `marble train --resume` in a fresh process:
-  metrics, weights, optimizer, balancer and RNG states bit for bit;
+* `marble train --policy flux --policy-opt path=DIR …` for 2 steps (the CLI, in this process), then
+  what a crash after checkpoint 1 leaves of it resumed by `marble train --resume` in a fresh
+  process: metrics, weights, optimizer, balancer and RNG states bit for bit;
 * `marble eval` of the step-2 checkpoint in a fresh process (the policy rebuilt from the run's
   config: path and options);
 * plain diffusers in a fresh interpreter: ``FluxPipeline.from_pretrained(DIR)`` +
   ``load_lora_weights(<checkpoint>/adapter)`` samples what marble's policy samples with those
   weights, and not what the base model samples.
 
-One chain of subprocesses (start-up dominates; two run at a time on two cores).
+One wave of three subprocesses (their start-up, ~6 s of imports each, dominates).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_resume_process import assert_same_step, train_here, trajectory
+from test_resume_process import assert_same_step, crash_copy, train_here, trajectory
 from tiny_flux import PROMPTS, TINY_FLUX_OPTIONS, policy_opts
 
 from marble_kit.checkpoint import load_checkpoint
@@ -65,14 +65,13 @@ def finish(process: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def chain(tiny_flux_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("flux-runs")
-    run = ["--policy", "flux", *policy_opts(tiny_flux_dir, steps=2), *SETTINGS]
-    short = start("-m", "marble_cli.app", "train", "--out", root / "short", "--steps", 1, *run)
-    train_here("--out", root / "full", "--steps", 2, *run)  # meanwhile, the uninterrupted reference here
-    finish(short)
+    full = root / "full"
+    train_here("--out", full, "--steps", 2, "--policy", "flux", *policy_opts(tiny_flux_dir, steps=2), *SETTINGS)
+    crash_copy(full, root / "crashed", 1)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
-    checkpoint = root / "full" / "checkpoints" / "step-000002"
-    later = [start("-m", "marble_cli.app", "train", "--resume", root / "short", "--steps", 2, "--no-progress"),
+    checkpoint = full / "checkpoints" / "step-000002"
+    later = [start("-m", "marble_cli.app", "train", "--resume", root / "crashed", "--steps", 2, "--no-progress"),
              start("-m", "marble_cli.app", "eval", checkpoint, "--prompts", prompts, "--rewards", "color,sharpness",
                    "--images-per-prompt", 2, "--out", root / "eval"),
              start("-c", DIFFUSERS_RECIPE, tiny_flux_dir, checkpoint / "adapter", root / "diffusers.pt")]
@@ -81,11 +80,14 @@ def chain(tiny_flux_dir, tmp_path_factory):
 
 
 def test_flux_resumes_bit_for_bit_in_a_fresh_process(chain, tiny_flux_dir):
-    full, short = chain["root"] / "full", chain["root"] / "short"
+    full, resumed = chain["root"] / "full", chain["root"] / "crashed"
     rows = trajectory(full)
     assert [row["step"] for row in rows] == [1, 2] and [row["gram_mode"] for row in rows] == ["affine"] * 2
-    assert trajectory(short) == rows
-    assert_same_step(full / "checkpoints" / "step-000002", short / "checkpoints" / "step-000002")
+    assert trajectory(resumed) == rows
+    # step 1 was not trained again: its line (wall-clock times included) is the crashed run's
+    first = [(run / "metrics.jsonl").read_text().splitlines()[0] for run in (full, resumed)]
+    assert first[0] == first[1]
+    assert_same_step(full / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     meta, state = load_checkpoint(chain["checkpoint"])
     assert meta["policy"] == "flux" and meta["policy_options"]["path"] == str(tiny_flux_dir)
     assert any("single_transformer_blocks" in key for key in state["policy"])
