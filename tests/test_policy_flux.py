@@ -273,13 +273,14 @@ def test_affine_equals_exact_on_flux_with_masked_rewards(tiny_flux_dir, checkpoi
     assert exact[~absent][:, in_single].abs().sum() > 0  # the single-stream LoRA gets gradient
 
 
-def test_every_gram_mode_micro_batches_and_sampled_rows_train_flux(tiny_flux_dir):
+def test_every_gram_mode_micro_batches_sampled_rows_and_the_grid_train_flux(tiny_flux_dir):
     start = flux_trainer(tiny_flux_dir, gram="exact").policy.state_dict()
     seen = {}
     for name, overrides in {"exact": dict(gram="exact"), "affine": dict(gram="affine"),
                             "periodic": dict(gram="periodic", gram_period=2),
                             "gram_rows": dict(gram="affine", gram_rows=0.5),
-                            "micro_batch": dict(gram="affine", micro_batch=1)}.items():
+                            "micro_batch": dict(gram="affine", micro_batch=1),
+                            "grid_ema": dict(gram="affine", timestep_schedule="grid", ema_decay=0.9)}.items():
         trainer = flux_trainer(tiny_flux_dir, **overrides)
         history = [trainer.step() for _ in range(2 if name == "periodic" else 1)]
         seen[name] = [m["gram_mode"] for m in history]
@@ -289,6 +290,10 @@ def test_every_gram_mode_micro_batches_and_sampled_rows_train_flux(tiny_flux_dir
         assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("lora.")), name
         if name in ("affine", "micro_batch"):
             seen[name + "/grad"] = torch.cat([p.grad.reshape(-1) for p in trainer.params])
+        if name == "grid_ema":  # trains on FLUX's own shifted sampler grid, keeps a weight EMA
+            grid = trainer.policy.sampling_timesteps(2)
+            assert trainer.timestep_grid is not None and torch.equal(trainer.timestep_grid, grid)
+            assert "ema_decay" in history[0]
     assert seen["periodic"] == ["affine", "reuse"] and seen["exact"] == ["exact"]
     assert seen["gram_rows"] == ["affine"] and seen["micro_batch"] == ["affine"]
     whole, parts = seen["affine/grad"], seen["micro_batch/grad"]
