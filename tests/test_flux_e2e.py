@@ -2,7 +2,9 @@
 
 * `marble train --policy flux --policy-opt path=DIR …` for 2 steps (the CLI, in this process), then
   what a crash after checkpoint 1 leaves of it resumed by `marble train --resume` in a fresh
-  process: metrics, weights, optimizer, balancer and RNG states bit for bit;
+  process: metrics, weights (trained, old, weight EMA), optimizer, balancer, RNG and held-out
+  evaluation states bit for bit, the best checkpoint too (the recipe's EMA, evaluation during
+  training and sampler-grid timesteps on);
 * `marble eval` of the step-2 checkpoint in a fresh process (the policy rebuilt from the run's
   config: path and options);
 * plain diffusers in a fresh interpreter: ``FluxPipeline.from_pretrained(DIR)`` +
@@ -30,7 +32,11 @@ from marble_kit.registry import build
 
 SETTINGS = ["--set", "prompts_per_step=2", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
             "--set", "sample_steps=2", "--set", "threads=1", "--set", "checkpoint_every=1",
-            "--set", "sample_every=2", "--lr", "0.02", "--seed", "5", "--no-progress"]
+            "--set", "sample_every=2", "--lr", "0.02", "--seed", "5", "--no-progress",
+            # the recipe's additions: the weight EMA, a held-out evaluation (and best checkpoint)
+            # every 2 steps, FLUX's own shifted sampler grid as the training timesteps
+            "--set", "ema_decay=0.9", "--set", "eval_every=2", "--set", "eval_max_prompts=2",
+            "--set", "eval_images_per_prompt=1", "--set", "eval_sample_steps=2", "--set", "timestep_schedule=grid"]
 DIFFUSERS_RECIPE = """
 import sys
 import torch
@@ -82,12 +88,15 @@ def chain(tiny_flux_dir, tmp_path_factory):
 def test_flux_resumes_bit_for_bit_in_a_fresh_process(chain, tiny_flux_dir):
     full, resumed = chain["root"] / "full", chain["root"] / "crashed"
     rows = trajectory(full)
-    assert [row["step"] for row in rows] == [1, 2] and [row["gram_mode"] for row in rows] == ["affine"] * 2
+    assert [row.get("gram_mode") for row in rows] == [None, "affine", "affine"]  # step 0: evaluation only
+    assert [row["step"] for row in rows if "eval/composite" in row] == [0, 2]
     assert trajectory(resumed) == rows
     # step 1 was not trained again: its line (wall-clock times included) is the crashed run's
-    first = [(run / "metrics.jsonl").read_text().splitlines()[0] for run in (full, resumed)]
-    assert first[0] == first[1]
-    assert_same_step(full / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    step_1 = [[line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] == 1]
+              for run in (full, resumed)]
+    assert len(step_1[0]) == 1 and step_1[0] == step_1[1]
+    for name in ("step-000002", "best"):
+        assert_same_step(full / "checkpoints" / name, resumed / "checkpoints" / name)
     meta, state = load_checkpoint(chain["checkpoint"])
     assert meta["policy"] == "flux" and meta["policy_options"]["path"] == str(tiny_flux_dir)
     assert any("single_transformer_blocks" in key for key in state["policy"])
