@@ -243,6 +243,29 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_bf16_runs(tiny_flux
         torch.testing.assert_close(bf16.velocity(x_t, t, cond), v32)
 
 
+def test_compile_and_auto_checkpointing_reach_flux(tiny_flux_dir, batch, monkeypatch):
+    """The base's execution options work through FLUX's own transformer call: `compile` runs the
+    no-grad forwards (rollout, v_old, v_ref) through torch.compile, v_θ stays eager; `auto`
+    checkpointing keeps the activations on the CPU."""
+    x_t, t, cond = batch
+    compiled_calls = []
+
+    def fake_compile(module, **kwargs):
+        def run(*args, **kw):
+            compiled_calls.append(torch.is_grad_enabled())
+            return module(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    policy = tiny(tiny_flux_dir, compile=True, gradient_checkpointing="auto", steps=2)
+    policy.sample(PROMPTS[:1], torch.Generator().manual_seed(0))
+    policy.old_velocity(x_t, t, cond)
+    policy.ref_velocity(x_t, t, cond)
+    policy.velocity(x_t, t, cond).sum().backward()
+    assert compiled_calls == [False] * 4
+    assert policy._auto_checkpointing.decisions == {"kept": 1, "checkpointed": 0}
+
+
 # ------------------------------------------------------------------ every trainer mode on FLUX
 
 def flux_trainer(directory, **overrides) -> Trainer:

@@ -144,16 +144,15 @@ class FluxPolicy(FlowMatchingPolicy):
             self._position_ids[key] = (torch.zeros(text_length, 3, device=device), image_ids)
         return self._position_ids[key]
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextCond) -> torch.Tensor:
+    def _predict(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: TextCond) -> torch.Tensor:
         batch, channels, height, width = x_t.shape
         txt_ids, img_ids = self._ids(cond.prompt_embeds.shape[1], height, width, x_t.device)
         guidance = (torch.full((batch,), float(self.guidance_scale), device=x_t.device)
                     if self.guidance_embeds else None)
         packed = self.pipeline._pack_latents(x_t, batch, channels, height, width)
-        out = self.transformer(hidden_states=packed, timestep=t, guidance=guidance,  # FLUX takes t ∈ [0, 1]
-                               pooled_projections=cond.pooled_prompt_embeds,
-                               encoder_hidden_states=cond.prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
-                               return_dict=False)[0]
+        out = model(hidden_states=packed, timestep=t, guidance=guidance,  # FLUX takes t ∈ [0, 1]
+                    pooled_projections=cond.pooled_prompt_embeds, encoder_hidden_states=cond.prompt_embeds,
+                    txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return self.pipeline._unpack_latents(out, height * self.vae_scale_factor, width * self.vae_scale_factor,
                                              self.vae_scale_factor)
 
@@ -244,10 +243,11 @@ def flux_arch_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = 
 
 def build_flux(path: str | None = None, rank: int = 32, alpha: float | None = None,
                target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
-               device: str | None = None, mixed_precision: str = "bf16", gradient_checkpointing: bool = True,
+               device: str | None = None, mixed_precision: str = "bf16", gradient_checkpointing: bool | str = True,
                offload_vae: bool = True, offload_text_encoders: bool = True, max_sequence_length: int = 512,
                resolution: int = 512, steps: int = 28, guidance_scale: float = 3.5,
-               true_cfg_scale: float = 1.0, sample_batch_size: int = 0, threads: int | None = None) -> FluxPolicy:
+               true_cfg_scale: float = 1.0, sample_batch_size: int = 0, threads: int | None = None,
+               compile: bool | str = False) -> FluxPolicy:
     """FLUX.1-dev (or -schnell) from a local directory (`path`, $MARBLE_FLUX_PATH or the HF cache).
 
     The defaults are FluxPipeline's sampling (28 steps, guidance 3.5, 512 T5 tokens) at 512 px,
@@ -262,16 +262,17 @@ def build_flux(path: str | None = None, rank: int = 32, alpha: float | None = No
                       gradient_checkpointing=gradient_checkpointing, offload_vae=offload_vae,
                       offload_text_encoders=offload_text_encoders, max_sequence_length=max_sequence_length,
                       resolution=resolution, steps=steps, guidance_scale=guidance_scale,
-                      true_cfg_scale=true_cfg_scale, sample_batch_size=sample_batch_size, threads=threads)
+                      true_cfg_scale=true_cfg_scale, sample_batch_size=sample_batch_size, threads=threads,
+                      compile=compile)
 
 
 def build_flux_arch(rank: int = 32, alpha: float | None = None,
                     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, seed: int = 0,
-                    device: str | None = None, mixed_precision: str = "bf16", gradient_checkpointing: bool = True,
+                    device: str | None = None, mixed_precision: str = "bf16", gradient_checkpointing: bool | str = True,
                     offload_vae: bool = False, offload_text_encoders: bool = False,
                     max_sequence_length: int = 512, resolution: int = 512, steps: int = 28,
                     guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, sample_batch_size: int = 0,
-                    threads: int | None = None) -> FluxPolicy:
+                    threads: int | None = None, compile: bool | str = False) -> FluxPolicy:
     """FLUX.1-dev's architecture with random weights + LoRA (GPU timing); every `flux` option but `path`."""
     target_device = torch.device(device) if device else default_device()
     if target_device.type != "cuda" and os.environ.get("MARBLE_ALLOW_CPU_ARCH") != "1":
@@ -287,7 +288,8 @@ def build_flux_arch(rank: int = 32, alpha: float | None = None,
                       gradient_checkpointing=gradient_checkpointing, offload_vae=offload_vae,
                       offload_text_encoders=offload_text_encoders, max_sequence_length=max_sequence_length,
                       resolution=resolution, steps=steps, guidance_scale=guidance_scale,
-                      true_cfg_scale=true_cfg_scale, sample_batch_size=sample_batch_size, threads=threads)
+                      true_cfg_scale=true_cfg_scale, sample_batch_size=sample_batch_size, threads=threads,
+                      compile=compile)
 
 
 @hookimpl
