@@ -58,4 +58,5 @@ def save_tiny_flux(directory: Path, seed: int = 0) -> Path:
 def policy_opts(directory: Path, **overrides) -> list[str]:
     """`--policy-opt KEY=VALUE` arguments of `marble train` for the tiny FLUX at ``directory``."""
     options = {"path": directory, **TINY_FLUX_OPTIONS, **overrides}
-    return [arg for key, value in options.items() for arg in ("--policy-opt", f"{key}={value}")]
+    text = {key: str(value).lower() if isinstance(value, bool) else value for key, value in options.items()}
+    return [arg for key, value in text.items() for arg in ("--policy-opt", f"{key}={value}")]  # TOML values
