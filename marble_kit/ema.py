@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from marble_kit.errors import MarbleError
+from marble_kit.policy import swapped_data
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -47,14 +48,8 @@ class WeightEMA:
     def applied(self) -> Iterator[None]:
         """The EMA weights in place of the trainable ones for the block (no grad work inside:
         the parameters' ``.data`` pointers are swapped, nothing is copied, and put back after)."""
-        current = [p.data for p in self.params]
-        for p, shadow in zip(self.params, self.shadow):
-            p.data = shadow
-        try:
+        with swapped_data(self.params, self.shadow):
             yield
-        finally:
-            for p, data in zip(self.params, current):
-                p.data = data
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": torch.tensor(self.decay, dtype=torch.float64),
