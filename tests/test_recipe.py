@@ -79,6 +79,30 @@ def test_recipe_prompt_sets_are_drawn_a_third_each_and_ocr_judges_one_of_them():
     assert len(held_out) == 3 and not trained & {p for s in held_out for p in s.prompts}
 
 
+def test_the_compositional_sets_carry_geneval_metadata_that_the_geneval_reward_accepts():
+    """The recipe's third set and its held-out split are GenEval prompt files: every prompt has
+    metadata the `geneval` reward judges (COCO classes, GenEval's colours and relations), the six
+    task kinds equally, so `--rewards …,geneval` (or `remote:geneval`) scores exactly that set."""
+    from marble_kit.rewards import prompt_metadata
+    from marble_plugins.rewards.geneval import CLASSNAMES, TAGS, check_metadata
+
+    config = recipe()
+    compositional = resolve_prompt_sets(config.prompts, config.rewards)[2]
+    held_out = eval_prompt_sets(config)[2]
+    for prompt_set, size in ((compositional, 48), (held_out, 12)):
+        assert len(prompt_set.prompts) == size and prompt_set.rewards is None
+        tags = Counter()
+        for prompt in prompt_set.prompts:
+            metadata = prompt_metadata(prompt)
+            check_metadata(metadata, prompt, CLASSNAMES)  # raises a MarbleError on unusable metadata
+            tags[metadata["tag"]] += 1
+            for clause in metadata["include"]:
+                assert clause["class"] in prompt and clause.get("color", "") in prompt
+        assert set(tags) == set(TAGS) and len(set(tags.values())) == 1
+    others = resolve_prompt_sets(config.prompts, config.rewards)[:2]
+    assert not any(prompt_metadata(p) for s in others for p in s.prompts)  # geneval: NaN there
+
+
 @pytest.fixture(scope="module")
 def arch():
     """The recipe's policy options through the `sd3.5-arch` factory (the GPU smoke test's policy),
