@@ -27,6 +27,7 @@ patches) converts inside ``_predict``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -231,7 +232,7 @@ def quiet_text_encoding() -> Iterator[None]:
 
 # ---------------------------------------------------------------- the policy
 
-class FlowMatchingPolicy:
+class FlowMatchingPolicy(abc.ABC):
     """A diffusers flow-matching pipeline as a trainable rectified-flow policy (LoRA on its
     transformer). ``x0`` latents live on ``device``; images come back as float [0, 1] on the CPU.
 
@@ -296,19 +297,19 @@ class FlowMatchingPolicy:
 
     # ------------------------------------------------------------ what a model part provides
     @property
+    @abc.abstractmethod
     def latent_channels(self) -> int:
         """Channels of the VAE latents x0."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _encode_one(self, prompt: str) -> PromptCond:
         """The conditioning of one prompt (batch of one), on ``device``, no grad."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: PromptCond) -> torch.Tensor:
         """The velocity of ``model`` (the transformer, or its torch.compile for no-grad passes)
         for latents x_t [B, C, h, w] at t [B] ∈ [0, 1] (called inside autocast; returns
         [B, C, h, w] in any float dtype)."""
-        raise NotImplementedError
 
     def _default_resolution(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
