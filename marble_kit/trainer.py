@@ -147,6 +147,10 @@ class TrainBatch:
     images: torch.Tensor      # [N] global image index of each row
     coef: torch.Tensor        # [K, N] L_k = Σ_i coef_ki·ℓ_k(i) (global mean over judged rows, ×W)
     candidates: torch.Tensor  # [K] bool: rewards with a preference in these rows (all ranks)
+    # A sample of another batch's rows (gram_rows < 1): which of its rows, and the global n_k [K]
+    # that ``coef`` divides by (the parent's divides by its own n_k, so coef ∝ 1/n_k per reward).
+    rows: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor, coef: torch.Tensor, candidates: torch.Tensor) -> TrainBatch:
         """The training rows ``rows`` of this batch, with their own loss coefficients."""
@@ -490,7 +494,9 @@ class Trainer:
         mine = (global_images >= rank * local_batch) & (global_images < (rank + 1) * local_batch)
         local_rows = (timestep[mine] * local_batch + global_images[mine] - rank * local_batch).sort().values
         coef = reward_row_coefficients(judgement.judged[:, batch.images[local_rows]], coef_counts, scale=world)
-        return batch.select(local_rows, coef.to(batch.coef.device), candidates)
+        sample = batch.select(local_rows, coef.to(batch.coef.device), candidates)
+        sample.rows, sample.counts = local_rows, coef_counts
+        return sample
 
     def _micro_slices(self, n: int) -> list[slice]:
         size = self.config.micro_batch or n
@@ -517,11 +523,12 @@ class Trainer:
         return self.config.kl * anchor_loss(v, batch.v_ref[sl], num_samples=n)
 
     # ---------------------------------------------------------------- gradients of the step
-    def _affine_gradients(self, batch: TrainBatch, anchor: bool = True
+    def _affine_gradients(self, batch: TrainBatch, anchor: bool = True, anchor_rows: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-reward gradients [K, P] from two backward passes, plus the anchor gradient [P]
-        from a third (when there is an anchor and ``anchor`` is asked for)."""
-        n = batch.x0.shape[0]
+        from a third (when there is an anchor and ``anchor`` is asked for; its mean is over
+        ``anchor_rows`` rows, these rows' count unless given)."""
+        n = batch.x0.shape[0] if anchor_rows is None else anchor_rows
 
         with_anchor = anchor and batch.v_ref is not None
         stacked = self.config.gram_backward == "stacked"
@@ -547,13 +554,15 @@ class Trainer:
                              else gram_ops.per_reward_gradients_affine)
                 return gradients(output, U, W, coef, coef * batch.r[:, sl].double(), capture, extra=extra)
 
-        return self._sum_over_micro_batches(n, micro_batch)
+        return self._sum_over_micro_batches(batch.x0.shape[0], micro_batch)
 
-    def _exact_gradients(self, batch: TrainBatch, anchor: bool = True
+    def _exact_gradients(self, batch: TrainBatch, anchor: bool = True, anchor_rows: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-reward gradients by one backward pass per reward (the reference), plus one for
-        the anchor when there is one (kl > 0) and ``anchor`` is asked for."""
-        n, num_rewards = batch.x0.shape[0], batch.r.shape[0]
+        the anchor when there is one (kl > 0) and ``anchor`` is asked for (a mean over
+        ``anchor_rows`` rows, these rows' count unless given)."""
+        n = batch.x0.shape[0] if anchor_rows is None else anchor_rows
+        num_rewards = batch.r.shape[0]
         with_anchor = anchor and batch.v_ref is not None
 
         def micro_batch(sl: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -570,7 +579,7 @@ class Trainer:
             g = gram_ops.per_reward_gradients_exact(losses, self.params)
             return g[:num_rewards], (g[-1] if with_anchor else None)
 
-        return self._sum_over_micro_batches(n, micro_batch)
+        return self._sum_over_micro_batches(batch.x0.shape[0], micro_batch)
 
     def _sum_over_micro_batches(self, n: int, micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ over micro-batches of (per-reward gradients [K, P], anchor gradient [P] or None);
@@ -585,16 +594,38 @@ class Trainer:
             anchor = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
         return grads, anchor
 
-    def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:
-        """One backward pass on Σ_k w_k·L_k + anchor = Σ_i c_i·ℓ(i; r_eff(i)) + anchor (SPEC §1.5)."""
-        n = batch.x0.shape[0]
+    def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor, anchor_rows: int | None = None) -> None:
+        """One backward pass on Σ_k w_k·L_k + anchor = Σ_i c_i·ℓ(i; r_eff(i)) + anchor (SPEC §1.5);
+        the anchor's mean is over ``anchor_rows`` rows (these rows' count unless given)."""
+        n = batch.x0.shape[0] if anchor_rows is None else anchor_rows
         c, r_eff = fused_row_weights(weights, batch.coef, batch.r)
-        for sl in self._micro_slices(n):
+        for sl in self._micro_slices(batch.x0.shape[0]):
             v = self._forward(batch, sl)
             policy = (c[sl].to(v.dtype) * self._loss_per_row(v, batch, sl, r_eff[sl].to(v.dtype))).sum()
             self._count_passes(1, sl)
             with torch.profiler.record_function("marble::backward"):
                 (policy + self._anchor(v, batch, sl, n)).backward()
+
+    def _fused_from_sample(self, batch: TrainBatch, sample: TrainBatch, weights: torch.Tensor,
+                           grads: torch.Tensor, anchor: torch.Tensor) -> None:
+        """The fused gradient of every row (what :meth:`_fused_backward` of ``batch`` gives)
+        without recomputing the sampled rows (gram_rows < 1). Their part is a combination of
+        the Gram's gradients: reward k's coefficients there are m_ki/n_k^S, in the whole batch
+        m_ki/n_k, so it is Σ_k w_k·(n_k^S/n_k)·g_k^S, plus their anchor (``anchor``, a mean
+        over all rows); only the other rows take a forward and a backward pass."""
+        rest = torch.ones(batch.x0.shape[0], dtype=torch.bool)
+        rest[sample.rows] = False
+        rest = rest.nonzero().flatten()  # (host-side indices: no device read)
+        if rest.numel():
+            self._fused_backward(batch.select(rest, batch.coef[:, rest.to(batch.coef.device)], batch.candidates),
+                                 weights, anchor_rows=batch.x0.shape[0])
+        self.dist.all_reduce_mean_grads(self.params)
+        full = self.judgement.counts().to(torch.float64)
+        share = torch.where(full > 0, sample.counts.to(torch.float64) / full.clamp_min(1.0), torch.zeros_like(full))
+        combined = weights.to(torch.float64) * share
+        keep = (combined != 0).to(grads.device)  # (an unweighted reward's gradient may be non-finite)
+        part = combined.to(grads)[keep] @ grads[keep]
+        gram_ops.write_flat_grad(self.params, part + anchor, accumulate=True)
 
     def _count_passes(self, count: int, rows: slice) -> None:
         """Backward passes of this step, in whole-batch units (a micro-batch counts its share)."""
@@ -670,21 +701,23 @@ class Trainer:
         active = None
         if mode in ("affine", "exact"):
             # gram_rows < 1: the gradients of a per-group sample of the rows; the update is then
-            # one backward over every row with the fresh weights (and the anchor).
+            # theirs combined with the fresh weights plus one backward over the other rows.
             sampled = cfg.gram_rows < 1.0
             gram_batch = self._gram_rows(batch, judgement, cfg.prompts_per_step) if sampled else batch
             gradients = self._affine_gradients if mode == "affine" else self._exact_gradients
-            grads, anchor = gradients(gram_batch, anchor=not sampled)
+            # (sampled: the sampled rows' anchor, a mean over all rows, for the fused gradient)
+            grads, anchor = gradients(gram_batch, anchor_rows=batch.x0.shape[0] if sampled else None)
             # Global gradients: reduce the K gradient vectors, not per-rank Grams (SPEC §1.6).
             grads, anchor = self.dist.all_reduce_mean(grads), self.dist.all_reduce_mean(anchor)
             gram = gram_ops.gram_matrix(grads)
             active = self._active(gram_batch.candidates, grads, gram)
-            weights = self._balance(self._solve_gram(gram, grads, anchor, active), step, active)
+            # (sampled: the anchor of all rows is not known yet; the momentum metric solves without it)
+            solve_anchor = torch.zeros_like(anchor) if sampled else anchor
+            weights = self._balance(self._solve_gram(gram, grads, solve_anchor, active), step, active)
             # Every rank solved the same QP; rank 0's answer makes λ bitwise equal everywhere.
             weights = self.dist.broadcast_from_main(weights)
-            if sampled:
-                self._fused_backward(batch, weights)
-                self.dist.all_reduce_mean_grads(self.params)
+            if sampled:  # the sampled rows' part from their gradients, one pass over the others
+                self._fused_from_sample(batch, gram_batch, weights, grads, anchor)
             else:  # the fused gradient is Σ w_k g_k of the same two passes: no third backward
                 keep = active.to(grads.device)
                 fused = weights.to(grads)[keep] @ grads[keep]

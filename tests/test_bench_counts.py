@@ -15,8 +15,9 @@ SMALL = ["--prompts-per-step", "2", "--images-per-prompt", "2", "--timesteps-per
 
 def test_cli_counts_attributes_every_pass_and_the_sampled_rows(tmp_path):
     """Single reward: one forward and one ordinary backward; sampled rows (gram_rows 0.25, one
-    row per group of G·T = 4): the Gram's forward sees the 2 sampled rows and two capture passes
-    run, then the fused forward sees all 8 rows and one ordinary backward runs."""
+    row per group of G·T = 4): the Gram's forward sees the 2 sampled rows and three capture
+    passes run (U, W, the anchor), then the fused forward sees the 6 other rows only and one
+    ordinary backward runs."""
     result = runner.invoke(app, ["bench", "counts", *SMALL, "--variants", "single,marble-rows", "--json",
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -25,14 +26,14 @@ def test_cli_counts_attributes_every_pass_and_the_sampled_rows(tmp_path):
     single, sampled = rows["single"], rows["marble-rows"]
     assert single["phases"]["forward"]["calls"] == 1 and single["phases"]["backward"]["calls"] == 1
     assert single["phases"]["forward"]["rows"] == 8 and "capture backward" not in single["phases"]
-    assert sampled["phases"]["forward"]["calls"] == 2 and sampled["phases"]["forward"]["rows"] == 2 + 8
-    assert sampled["per_pass"]["capture backward"]["passes"] == 2
+    assert sampled["phases"]["forward"]["calls"] == 2 and sampled["phases"]["forward"]["rows"] == 2 + 6
+    assert sampled["per_pass"]["capture backward"]["passes"] == 3
     assert sampled["phases"]["rollout"]["rows"] == 4 and sampled["phases"]["fold"]["rows"] == 2 * 8  # old + ref
     for phase in ("rollout", "fold", "forward", "backward", "capture backward", "optimizer", "gradient step"):
         assert sampled["phases"][phase]["launches"] > 0, phase
     # the capture's hooks: each LoRA factor once in the forward, once per backward pass
     calls = sampled["capture_calls"]
-    assert calls["forward"] > 0 and calls["backward"] == 2 * calls["forward"]
+    assert calls["forward"] > 0 and calls["backward"] == 3 * calls["forward"]
     assert single["capture_calls"] == {"forward": 0, "backward": 0}
     assert report["targets"] == [] and single["device_kernels"] is None  # the GPU target needs a GPU
     assert sum(v.get("launches", 0) for v in single["phases"].values()) == single["totals"]["launches"]

@@ -420,6 +420,40 @@ def test_sampled_gram_rows_keep_every_group_and_cost_one_plus_two_f_passes():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("overrides", [dict(gram="affine"), dict(gram="affine", gram_backward="stacked"),
+                                       dict(gram="affine", micro_batch=3), dict(gram="exact"),
+                                       dict(gram="affine", kl=0.0)])
+def test_the_sampled_rows_part_of_the_fused_gradient_equals_a_backward_over_every_row(overrides):
+    """gram_rows < 1: the fused gradient built from the sampled rows' per-reward gradients (and
+    their anchor) plus one backward over the other rows is the gradient of one backward over
+    every row (the reference, :meth:`Trainer._fused_backward`), rewards masked, a zero weight
+    included, with micro-batches, stacked passes, exact gradients and without the anchor."""
+    settings = dict(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram_rows=0.25, kl=1e-2)
+    trainer = _trainer(**{**settings, **overrides})
+    batch = _captured_batch(trainer)
+    n = batch.x0.shape[0]
+    sample = trainer._gram_rows(batch, trainer.judgement, 4, generator=torch.Generator().manual_seed(2))
+    assert 0 < sample.x0.shape[0] < n and (batch.coef == 0).any(), "a sample of masked rows"
+    gradients = trainer._affine_gradients if overrides["gram"] == "affine" else trainer._exact_gradients
+    grads, anchor = gradients(sample, anchor_rows=n)
+    weights = torch.tensor([0.7, 0.0, 0.3], dtype=torch.float64)[:grads.shape[0]]
+
+    def flat_grad(build):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        build()
+        return torch.cat([p.grad.reshape(-1) for p in trainer.params])
+
+    passes = trainer._passes
+    combined = flat_grad(lambda: trainer._fused_from_sample(batch, sample, weights, grads, anchor))
+    assert trainer._passes - passes == pytest.approx((n - sample.x0.shape[0]) / trainer._rows)
+    reference = flat_grad(lambda: trainer._fused_backward(batch, weights))
+    assert reference.abs().max() > 0
+    assert (combined - reference).abs().max() <= 1e-5 * reference.abs().max()
+    if trainer.config.kl > 0:  # the sampled rows' anchor is far above the tolerance: it is counted
+        assert anchor.abs().max() > 20 * 1e-5 * reference.abs().max()
+
+
+@pytest.mark.slow
 def test_sampled_gram_rows_honour_an_explicit_fraction_a_floor_of_one_row_and_their_generator():
     trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=4, gram="affine",
                        gram_rows=0.25, kl=1e-2)
@@ -809,9 +843,9 @@ def test_exact_mode_takes_no_pass_for_a_reward_that_judges_nothing(idle_rewards)
 @pytest.mark.slow
 def test_a_sampled_gram_pass_runs_on_its_rows_only():
     """gram_rows = 0.25: in the gradient step the transformer sees the sampled rows in the Gram's
-    forward and in both checkpointed replays of its backward passes, the whole batch only in
-    the fused pass — counted at the transformer's first block; the capture's passes have the
-    sampled rows as their batch."""
+    forward and in the checkpointed replays of its three backward passes (U, W, the anchor),
+    the other rows only in the fused pass — counted at the transformer's first block; the
+    capture's passes have the sampled rows as their batch."""
     trainer = _trainer(prompts_per_step=4, images_per_prompt=2, timesteps_per_image=2, gram="affine",
                        gram_rows=0.25, kl=1e-2, policy_options={"gradient_checkpointing": True})
     seen, inside = [], []
@@ -839,8 +873,8 @@ def test_a_sampled_gram_pass_runs_on_its_rows_only():
         gram_ops.LoraCapture.backward_pass = original
         handle.remove()
     batch = 4 * 2 * 2
-    assert seen == [4, 4, 4, batch, batch]  # forward + 2 replays on 4 rows; fused forward + replay on 16
-    assert passes == [4, 4]
+    assert seen == [4, 4, 4, 4, batch - 4, batch - 4]  # forward + 3 replays on 4 rows; the other 12 rows' pass
+    assert passes == [4, 4, 4]
     assert metrics["backward_passes"] == pytest.approx(1 + 2 * 0.25)
 
 
