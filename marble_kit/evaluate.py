@@ -26,7 +26,13 @@ from marble_kit.checkpoint import load_checkpoint, resolve_checkpoint
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.images import save_grid
-from marble_kit.prompts import applicability_mask, load_prompt_sets, resolve_prompt_sets, tagged_rewards
+from marble_kit.prompts import (
+    applicability_mask,
+    configured_reward,
+    load_prompt_sets,
+    resolve_prompt_sets,
+    tagged_rewards,
+)
 from marble_kit.registry import build
 from marble_kit.run import CONFIG_FILE, check_compatible, read_run_config
 
@@ -173,7 +179,7 @@ class EvalPlan:
     def build(cls, prompt_sets, names: Sequence[str], images_per_prompt: int, max_prompts: int,
               seed: int, steps: int) -> EvalPlan:
         for prompt_set in prompt_sets:
-            unknown = [name for name in prompt_set.rewards or [] if name not in names]
+            unknown = [name for name in prompt_set.rewards or [] if not configured_reward(name, names)]
             if unknown:
                 raise MarbleError(f"eval prompt set {prompt_set.name!r} is tagged with reward {unknown[0]!r}, "
                                   f"which is not evaluated ({','.join(names)}); add it to eval_rewards or "
@@ -283,7 +289,8 @@ def eval_prompt_sets(config: TrainConfig) -> list:
     names = [*config.rewards, *config.eval_rewards]
     if config.eval_prompts:
         return resolve_prompt_sets(config.eval_prompts, names)
-    if list(config.prompts) == ["default"] and set(tagged_rewards(load_prompt_sets(["default"]))) & set(config.rewards):
+    world_rewards = tagged_rewards(load_prompt_sets(["default"]))
+    if list(config.prompts) == ["default"] and any(configured_reward(name, config.rewards) for name in world_rewards):
         return load_prompt_sets(["world_eval"])
     return resolve_prompt_sets(config.prompts, names)
 

@@ -17,6 +17,10 @@ Sources (``load_prompt_sets``):
 * built-in sets shipped in ``marble_kit/data/prompts`` (``builtin:NAME`` or plain ``NAME`` when
   no such file exists); ``default`` is the manifest of the embedded default run.
 * ``SOURCE:reward1+reward2`` tags every set of ``SOURCE`` with those rewards.
+
+A tag names a reward as it judges, in process or served: a set tagged ``ocr`` is judged by
+``ocr`` and by ``remote:ocr`` alike (and one tagged ``remote:ocr`` by both), see
+:func:`judged_name`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ MANIFEST_SUFFIX = ".toml"
 BUILTIN_PREFIX = "builtin:"
 _TAGS = re.compile(r"[A-Za-z0-9_-]+(\+[A-Za-z0-9_-]+)*")
 _MANIFEST_KEYS = {"path", "rewards", "weight", "name"}
+REMOTE_PREFIX = "remote:"
+
+
+def judged_name(reward: str) -> str:
+    """The name a reward judges prompt sets under: ``remote:NAME`` is the reward NAME served
+    (``marble serve-reward NAME``), so it judges the sets tagged NAME, as NAME does in process."""
+    return reward[len(REMOTE_PREFIX):] if reward.startswith(REMOTE_PREFIX) else reward
+
+
+def names_reward(tag: str, reward: str) -> bool:
+    """Whether the tag ``tag`` names ``reward`` (``ocr`` and ``remote:ocr`` name each other)."""
+    return judged_name(tag) == judged_name(reward)
+
+
+def configured_reward(tag: str, rewards: Sequence[str]) -> bool:
+    """Whether some reward of ``rewards`` judges the sets tagged ``tag``."""
+    return any(names_reward(tag, name) for name in rewards)
 
 
 class Prompt(str):
@@ -90,8 +111,9 @@ class PromptSet:
             )
 
     def applies(self, reward: str) -> bool:
-        """Whether ``reward`` judges the prompts of this set."""
-        return self.rewards is None or reward in self.rewards
+        """Whether ``reward`` judges the prompts of this set (``remote:NAME`` judges the sets
+        tagged NAME, and NAME those tagged ``remote:NAME``)."""
+        return self.rewards is None or any(names_reward(tag, reward) for tag in self.rewards)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -303,19 +325,21 @@ def resolve_prompt_sets(spec: str | Path | Sequence[str | Path], rewards: Sequen
     world prompts: each set keeps the tags that are configured, configured rewards the
     manifest never tags (e.g. ``brightness``) judge every set, and sets left with no reward
     are dropped. With none of the world rewards (e.g. ``hps,pickscore,ocr``) it is the
-    ``general`` prompt set, plus the ``ocr`` set when ``ocr`` is configured.
+    ``general`` prompt set, plus the ``ocr`` set when ``ocr`` is configured. A served reward
+    counts as the reward it serves (``remote:ocr`` as ``ocr``, ``remote:color`` as ``color``).
     """
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if [str(item) for item in items] != ["default"]:
         return load_prompt_sets(items)
     world_sets = load_prompt_sets(["default"])
-    world_rewards = set(tagged_rewards(world_sets))
-    if not world_rewards & set(rewards):
-        return load_prompt_sets(["general"] + (["ocr"] if "ocr" in rewards else []))
-    global_rewards = [name for name in rewards if name not in world_rewards]
+    world_rewards = tagged_rewards(world_sets)
+    if not any(configured_reward(name, rewards) for name in world_rewards):
+        return load_prompt_sets(["general"] + (["ocr"] if configured_reward("ocr", rewards) else []))
+    global_rewards = [name for name in rewards if not configured_reward(name, world_rewards)]
     kept = []
     for prompt_set in world_sets:
-        tags = [name for name in (prompt_set.rewards or []) if name in rewards] + global_rewards
+        tags = [name for tag in prompt_set.rewards or [] for name in rewards if names_reward(tag, name)]
+        tags += global_rewards
         if tags:
             prompt_set.rewards = tags
             kept.append(prompt_set)

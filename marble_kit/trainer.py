@@ -41,7 +41,7 @@ from marble_kit.nft import (
     velocity_loss_per_sample,
 )
 from marble_kit.policy import offloaded
-from marble_kit.prompts import PromptSampler, applicability_mask, resolve_prompt_sets
+from marble_kit.prompts import PromptSampler, applicability_mask, configured_reward, resolve_prompt_sets
 from marble_kit.registry import build
 
 # After this many consecutive steps in which a reward judged nothing (or preferred nothing), a
@@ -84,7 +84,7 @@ def build_components(config: TrainConfig) -> Components:
         )
     for prompt_set in prompt_sets:
         for name in prompt_set.rewards or []:
-            if name not in config.rewards:
+            if not configured_reward(name, config.rewards):
                 raise MarbleError(
                     f"prompt set {prompt_set.name!r} is tagged with reward {name!r}, which is not "
                     f"in --rewards {','.join(config.rewards)}; add it or change the tags"

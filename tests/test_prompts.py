@@ -305,6 +305,26 @@ def test_default_prompts_adapt_to_the_configured_rewards():
     assert [s.name for s in resolve_prompt_sets(["colors:color"], ["color", "shape"])] == ["colors"]
 
 
+def test_a_served_reward_judges_the_sets_tagged_with_the_reward_it_serves():
+    """`remote:NAME` judges the sets tagged NAME, as NAME does in process (and the other way
+    round), for explicit tags, the default prompts and the world mixture alike."""
+    from marble_kit.prompts import resolve_prompt_sets
+
+    sets = [PromptSet("ocr", ["a sign that says \"open\""], ["ocr"]), PromptSet("colors", ["red"], ["color"]),
+            PromptSet("served", ["blue"], ["remote:color"]), PromptSet("all", ["green"])]
+    names = ["remote:ocr", "color", "remote:color", "ocr"]
+    assert applicability_mask(torch.arange(4), names, sets).tolist() == [
+        [True, False, False, True], [False, True, True, True], [False, True, True, True], [True, False, False, True]]
+    real = resolve_prompt_sets(["default"], ["hps", "remote:ocr"])
+    assert [s.name for s in real] == ["general", "ocr"]  # as for `ocr`
+    world = resolve_prompt_sets(["default"], ["remote:color", "shape", "centering"])
+    assert [(s.name, s.rewards) for s in world] == [  # remote:color is color, not a global reward
+        ("colors", ["remote:color", "centering"]), ("shapes", ["shape", "centering"]), ("words", ["centering"])]
+    tagged = resolve_prompt_sets(["ocr:ocr", "general"], ["remote:ocr", "hps"])
+    assert applicability_mask(torch.tensor([0, 1]), ["remote:ocr", "hps"], tagged).tolist() == [
+        [True, True], [False, True]]
+
+
 def test_each_pass_over_a_set_draws_a_fresh_order():
     """Every prompt once per pass, and the next pass in a new seeded order (not a replay)."""
     sampler = PromptSampler(_sets(8), seed=5)

@@ -29,9 +29,10 @@ import torch
 from cli_runs import marble, metric_lines
 
 from marble_kit.checkpoint import list_checkpoints, load_checkpoint
+from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
 from marble_kit.registry import build
-from marble_kit.trainer import Trainer
+from marble_kit.trainer import Trainer, build_components
 
 TOKEN = "s3cret-token"
 TINY = ["--set", "prompts_per_step=3", "--set", "images_per_prompt=2", "--set", "timesteps_per_image=1",
@@ -251,3 +252,28 @@ def test_a_busy_server_is_retried_and_a_lost_batch_counted(broken_url):
     scores = reward(torch.rand(2, 3, 8, 8), ["a", "b"])
     assert scores[0] == 0.25 and torch.isnan(scores[1])
     assert reward.metrics == {"failures": 1.0, "retries": 0.0}  # the server's own count, per call
+
+
+def test_a_set_tagged_with_a_reward_is_judged_by_the_served_reward_as_in_process(tmp_path):
+    """`--prompts colors:color+centering` with `--rewards remote:color,…`: the served color
+    judges the colors set (and only it), so one step equals the in-process run's."""
+    from marble_kit.evaluate import EvalPlan, eval_prompt_sets
+    from marble_kit.serve import serving_in_thread
+
+    settings = dict(prompts_per_step=2, images_per_prompt=2, timesteps_per_image=1, sample_steps=2, steps=1,
+                    checkpoint_every=0, sample_every=0, out=str(tmp_path / "unused"),
+                    prompts=["colors:color+centering", "shapes:shape+centering"],
+                    eval_prompts=["world_eval:color"])
+    in_process = TrainConfig(rewards=["color", "shape", "centering"], **settings)
+    reference = Trainer(in_process, build_components(in_process)).step()
+    with serving_in_thread("color", build("reward", "color", {})) as url:
+        served = TrainConfig(rewards=["remote:color", "shape", "centering"],
+                             reward_options={"remote:color": {"url": url}}, **settings)
+        metrics = Trainer(served, build_components(served)).step()
+        names = list(served.rewards)
+        plan = EvalPlan.build(eval_prompt_sets(served), names, 1, 4, 0, 2)
+    assert plan.mask.tolist() == [[True] * 4, [False] * 4, [False] * 4]  # world_eval is tagged color
+    assert metrics["judged_rows/remote:color"] == reference["judged_rows/color"] > 0
+    renamed = {key.replace("remote:color", "color"): value for key, value in metrics.items()
+               if not key.startswith(("time/", *CLIENT_COUNTERS))}
+    assert renamed == {key: value for key, value in reference.items() if not key.startswith("time/")}
