@@ -12,10 +12,11 @@ numbers the run logged at step N.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from marble_kit.prompts import (
 )
 from marble_kit.registry import build
 from marble_kit.run import CONFIG_FILE, check_compatible, read_run_config
+from marble_kit.trainer import RewardScoring, reward_device
 
 EVAL_JSON = "eval.json"
 EVAL_GRID = "eval_grid.png"
@@ -82,10 +84,13 @@ def eval_noise(policy, count: int, seed: int, start: int = 0, stop: int | None =
     return torch.cat(kept) if kept else torch.zeros(policy.latent_shape(0))
 
 
-def score_images(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: torch.Tensor,
-                 noise: torch.Tensor, steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def score_images(policy, score: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: Sequence[str],
+                 mask: torch.Tensor, noise: torch.Tensor, steps: int, batch_size: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [K, N] (NaN where not applicable) and images of the policy's current weights,
-    one image per prompt from the given initial latents."""
+    one image per prompt from the given initial latents. ``score(images, prompts)`` gives [K, B]:
+    the run's :class:`~marble_kit.trainer.RewardScoring` (:func:`run_scoring`), so rewards
+    score here exactly as in training (threads, offload, a RewardFailure naming the reward)."""
     generator = torch.Generator().manual_seed(0)  # unused by deterministic samplers: noise is given
     scores, images = [], []
     for start in range(0, len(prompts), batch_size):
@@ -94,18 +99,24 @@ def score_images(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: t
             rollout = policy.sample(chunk, generator=generator, steps=steps, use_old=False,
                                     noise=noise[start:start + len(chunk)])
         images.append(rollout.images)
-        scores.append(torch.stack([reward(rollout.images, chunk).float() for reward in rewards]))
+        scores.append(score(rollout.images, chunk))
     if not scores:
-        return torch.zeros(len(rewards), 0), torch.zeros(0)
+        return torch.zeros(mask.shape[0], 0), torch.zeros(0)
     values = torch.cat(scores, dim=1)
     return torch.where(mask, values, torch.full_like(values, float("nan"))), torch.cat(images)
 
 
-def score_policy(policy, rewards: Sequence[Any], prompts: Sequence[str], mask: torch.Tensor, seed: int,
-                 steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def score_policy(policy, score: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: Sequence[str],
+                 mask: torch.Tensor, seed: int, steps: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [K, N] (NaN where not applicable) and images of the policy's current weights."""
-    return score_images(policy, rewards, prompts, mask, eval_noise(policy, len(prompts), seed), steps,
+    return score_images(policy, score, prompts, mask, eval_noise(policy, len(prompts), seed), steps,
                         batch_size)
+
+
+def run_scoring(scoring: RewardScoring, names: Sequence[str], rewards: Sequence[Any]
+                ) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """``score(images, prompts)`` of :func:`score_images`: these rewards through a run's scoring."""
+    return functools.partial(scoring, list(names), list(rewards))
 
 
 def paired_standard_error(base: torch.Tensor, tuned: torch.Tensor) -> float:
@@ -119,23 +130,38 @@ def paired_standard_error(base: torch.Tensor, tuned: torch.Tensor) -> float:
 
 
 def reward_rows(names: Sequence[str], base: torch.Tensor, tuned: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per reward: base / fine-tuned mean ± std over the images it judges, the delta,
-    its paired standard error, and the delta in base-std units."""
+    """One row per reward over the images both evaluations scored (a NaN in either — not
+    judged, or a batch lost with ``on_error = "nan"`` — drops the pair): base / fine-tuned
+    mean ± std, the delta, its paired standard error and the delta in base-std units; ``n``
+    counts those pairs, ``n_base`` / ``n_tuned`` what each evaluation scored."""
     rows = []
     for k, name in enumerate(names):
-        base_mean, base_std, count = _stats(base[k])
-        tuned_mean, tuned_std, _ = _stats(tuned[k])
+        paired = torch.isfinite(base[k]) & torch.isfinite(tuned[k])
+        base_mean, base_std, count = _stats(base[k][paired])
+        tuned_mean, tuned_std, _ = _stats(tuned[k][paired])
         delta = tuned_mean - base_mean
-        rows.append({"reward": name, "n": count, "base_mean": base_mean, "base_std": base_std,
+        rows.append({"reward": name, "n": count, "n_base": int(torch.isfinite(base[k]).sum()),
+                     "n_tuned": int(torch.isfinite(tuned[k]).sum()), "base_mean": base_mean, "base_std": base_std,
                      "tuned_mean": tuned_mean, "tuned_std": tuned_std, "delta": delta,
                      "delta_se": paired_standard_error(base[k], tuned[k]),
                      "delta_in_base_std": delta / base_std if base_std > 0 else float("nan")})
     return rows
 
 
+def unscored(rows: Sequence[dict[str, Any]], trained: Sequence[str]) -> list[str]:
+    """The trained rewards with no image both evaluations scored (or not evaluated at all)."""
+    counts = {row["reward"]: row["n"] for row in rows}
+    return [name for name in trained if not counts.get(name)]
+
+
 def composite_score(rows: Sequence[dict[str, Any]], trained: Sequence[str]) -> float:
-    """The best-checkpoint score: the mean Δ / base std over the trained rewards that have one
-    (eval-only rewards are tracked, not optimized for); NaN when none has."""
+    """The best-checkpoint score: the mean Δ / base std over the trained rewards (eval-only
+    rewards are tracked, not optimized for); one whose base scores do not vary (std 0) is
+    left out. NaN — no composite, no best checkpoint — when a trained reward scored no image
+    pair (:func:`unscored`) or none has a Δ / base std: a mean over the others would rank
+    checkpoints by a different measure."""
+    if unscored(rows, trained):
+        return float("nan")
     values = [row["delta_in_base_std"] for row in rows if row["reward"] in trained
               and isinstance(row["delta_in_base_std"], float) and math.isfinite(row["delta_in_base_std"])]
     return sum(values) / len(values) if values else float("nan")
@@ -261,22 +287,24 @@ def evaluate(target: str | Path, prompts: list[str] | None = None, rewards: list
     plan = EvalPlan.build(prompt_sets, reward_names, images_per_prompt, max_prompts, seed, steps)
 
     policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
-    reward_device = policy.device if config.reward_device == "policy" else torch.device(config.reward_device)
+    device = reward_device(config, policy)
     for reward in reward_models:
-        reward.to(reward_device)
+        reward.to(device)
+    score = run_scoring(RewardScoring(config, policy.device), reward_names, reward_models)  # as in training
     noise = eval_noise(policy, len(plan.prompts), seed)
-    base_scores, base_images = score_images(policy, reward_models, plan.prompts, plan.mask, noise, steps)
+    base_scores, base_images = score_images(policy, score, plan.prompts, plan.mask, noise, steps)
     policy.load_state_dict(state["policy"])
     if use_ema:
         apply_ema_weights(policy, state, f"checkpoint {checkpoint}")
-    tuned_scores, tuned_images = score_images(policy, reward_models, plan.prompts, plan.mask, noise, steps)
+    tuned_scores, tuned_images = score_images(policy, score, plan.prompts, plan.mask, noise, steps)
     rows = reward_rows(reward_names, base_scores, tuned_scores)
 
     out_dir = Path(out) if out else checkpoint.parent.parent / EVAL_DIR / checkpoint.name
     picks = plan.grid_picks
     return save_eval_report(out_dir, plan, rows, base_images[picks], tuned_images[picks], {
         "checkpoint": checkpoint, "step": int(meta["step"]), "policy": config.policy,
-        "weights": "ema" if use_ema else "raw", "composite": composite_score(rows, config.rewards)})
+        "weights": "ema" if use_ema else "raw", "composite": composite_score(rows, config.rewards),
+        "unscored": unscored(rows, config.rewards)})
 
 
 def eval_sample_steps(config: TrainConfig) -> int:
@@ -319,6 +347,7 @@ class TrainingEvaluation:
         self.base_grid: torch.Tensor | None = None  # uint8 [G, 3, H, W]: the grid's base row
         self.best_step: int | None = None
         self.best_score = float("-inf")
+        self.last_step: int | None = None           # the step of the last evaluation that completed
 
     def due(self, step: int) -> bool:
         every = self.config.eval_every
@@ -331,8 +360,8 @@ class TrainingEvaluation:
         lo, hi = rank * count // world, (rank + 1) * count // world
         noise = eval_noise(policy, count, plan.seed, lo, hi)
         with trainer.eval_weights():
-            scores, images = score_images(policy, self.rewards, plan.prompts[lo:hi], plan.mask[:, lo:hi],
-                                          noise, plan.steps)
+            scores, images = score_images(policy, run_scoring(trainer.scoring, self.names, self.rewards),
+                                          plan.prompts[lo:hi], plan.mask[:, lo:hi], noise, plan.steps)
         picks = [i - lo for i in plan.grid_picks if lo <= i < hi]
         shares = self.dist.gather_objects((scores.cpu(), images[picks].cpu() if picks else None))
         scores = torch.cat([s for s, _ in shares], dim=1)
@@ -354,6 +383,8 @@ class TrainingEvaluation:
         best = math.isfinite(composite) and composite > self.best_score
         if best:
             self.best_step, self.best_score = step, composite
+        self.last_step = step
+        self._unscored = unscored(rows, self.config.rewards)
         metrics: dict[str, float] = {"eval/composite": composite}
         for row in rows:
             metrics[f"eval/{row['reward']}"] = row["tuned_mean"]
@@ -364,19 +395,34 @@ class TrainingEvaluation:
                                  "checkpoint": f"{run_dir} (training, step {step})", "step": step,
                                  "policy": self.config.policy, "during_training": True,
                                  "weights": "ema" if self.config.ema_decay > 0 else "raw",
-                                 "composite": composite, "best_step": self.best_step})
+                                 "composite": composite, "unscored": self._unscored,
+                                 "best_step": self.best_step})
         return metrics, best
 
     def summary(self, metrics: dict[str, float], step: int, best: bool) -> str:
         parts = [f"{name} {metrics[f'eval_delta/{name}']:+.2f}" for name in self.names
                  if math.isfinite(metrics.get(f"eval_delta/{name}", float("nan")))]
         note = " (best)" if best else ""
-        return f"eval step {step:>5} · composite {metrics['eval/composite']:+.3f}{note} · Δ/std " + " ".join(parts)
+        composite = metrics["eval/composite"]
+        if math.isfinite(composite):
+            shown = f"{composite:+.3f}"
+        elif getattr(self, "_unscored", None):
+            shown = f"– ({', '.join(self._unscored)} scored no image: no best checkpoint)"
+        else:
+            shown = "–"
+        return f"eval step {step:>5} · composite {shown}{note} · Δ/std " + " ".join(parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base, "base_grid": self.base_grid,
                 "best_step": torch.tensor(-1 if self.best_step is None else self.best_step),
-                "best_score": torch.tensor(self.best_score, dtype=torch.float64)}
+                "best_score": torch.tensor(self.best_score, dtype=torch.float64),
+                "last_step": torch.tensor(-1 if self.last_step is None else self.last_step)}
+
+    def pending(self, step: int) -> bool:
+        """Whether the evaluation of ``step`` (a resumed run's first) is due but did not complete:
+        a reward failed in it, after the step's checkpoint was written. (A checkpoint made before
+        ``last_step`` was recorded counts as evaluated.)"""
+        return step > 0 and self.due(step) and self.last_step is not None and self.last_step != step
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if not state or state.get("base") is None:
@@ -390,3 +436,5 @@ class TrainingEvaluation:
         best_step = int(state["best_step"])
         self.best_step = None if best_step < 0 else best_step
         self.best_score = float(state["best_score"])
+        last_step = int(state["last_step"]) if "last_step" in state else None
+        self.last_step = None if last_step is None or last_step < 0 else last_step

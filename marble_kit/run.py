@@ -196,6 +196,20 @@ def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
         handle.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
 
 
+def merge_metrics(path: Path, step: int, metrics: dict[str, Any]) -> None:
+    """Add ``metrics`` to the line of ``step`` (the last line: a resume truncated the later ones),
+    or append them as that step's line when it has none; rewritten atomically."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    if last.get("step") == step:
+        lines[-1] = json.dumps({**last, **{k: _json_safe(v) for k, v in metrics.items()}})
+    else:
+        lines.append(json.dumps({"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines))
+    tmp.replace(path)
+
+
 # ------------------------------------------------------------------ RNG outside the trainer
 
 def capture_global_rng() -> dict[str, Any]:
@@ -399,7 +413,10 @@ def _resume_point(config: TrainConfig) -> tuple[dict[str, Any] | None, dict[str,
         return None, None
     meta, state = load_checkpoint(found[-1])
     check_compatible(meta, config, f"checkpoint {found[-1]}")
-    if meta["step"] >= config.steps:
+    record = state.get("evaluation") or {}
+    evaluated = int(record["last_step"]) if "last_step" in record else meta["step"]
+    final_evaluation_pending = bool(config.eval_every) and meta["step"] == config.steps != evaluated
+    if meta["step"] >= config.steps and not final_evaluation_pending:
         raise MarbleError(f"--resume {config.out}: the run is already at step {meta['step']}; pass "
                           f"--steps larger than {meta['step']} to train further")
     return meta, state
@@ -485,6 +502,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         bar.note(evaluation.summary(eval_metrics, step, best))
         return eval_metrics
 
+    def evaluation_failed(exc: RewardFailure, step: int) -> MarbleError:
+        """A reward failed in the evaluation of ``step``: the step itself is complete, so its
+        checkpoint is written (one process) and a resume runs the evaluation first."""
+        if dist.active:
+            raise exc
+        checkpoint()
+        return MarbleError(f"{exc}; in the held-out evaluation of step {step}: the run stopped after step {step} "
+                           f"(checkpoint saved): once the reward works again, `marble train --resume {run_dir}` "
+                           "runs that evaluation first and continues")
+
     history: list[dict[str, Any]] = []
     interrupted = False
     bar = TrainProgress(config, enabled=progress and dist.is_main, console=console if dist.is_main else None,
@@ -499,6 +526,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                 if dist.is_main:
                     append_metrics(metrics_path, base_line)
                     tracker.log_metrics(base_line)
+            elif evaluation is not None and evaluation.pending(start_step):
+                # the evaluation of the checkpoint's step failed: run it now, into that step's line
+                try:
+                    eval_metrics = evaluate_now(start_step)
+                except RewardFailure as exc:
+                    raise MarbleError(f"{exc}; in the held-out evaluation of step {start_step} (run again "
+                                      "once the reward works)") from exc
+                if dist.is_main:
+                    merge_metrics(metrics_path, start_step, eval_metrics)
+                    tracker.log_metrics({"step": start_step, **eval_metrics})
+                saved["step"] = None  # the checkpoint of start_step now records its evaluation
             # A Ctrl-C seen by any rank stops every rank after the same step.
             while trainer.step_count < config.steps and not dist.any(sigint["stop"]):
                 try:
@@ -514,8 +552,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                                       f"`marble train --resume {run_dir}`") from exc
                 metrics.update(reward_metrics(trainer))
                 evaluated = evaluation is not None and evaluation.due(trainer.step_count)
+                failure: RewardFailure | None = None
                 if evaluated:
-                    metrics.update(evaluate_now(trainer.step_count))
+                    try:
+                        metrics.update(evaluate_now(trainer.step_count))
+                    except RewardFailure as exc:  # the step is kept: logged, checkpointed below
+                        if dist.active:
+                            raise
+                        failure = exc
                 history.append(metrics)
                 step = trainer.step_count
                 if dist.is_main:
@@ -524,6 +568,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                         tracker.log_metrics(metrics)
                     if config.sample_every and step % config.sample_every == 0:
                         tracker.log_image("samples", save_samples(trainer, run_dir, step), step)
+                if failure is not None:
+                    raise evaluation_failed(failure, step) from failure
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     checkpoint()
                 bar.update(metrics)

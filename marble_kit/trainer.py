@@ -91,12 +91,9 @@ def build_components(config: TrainConfig) -> Components:
                 )
     balancer = build("balancer", config.balancer, config.balancer_options, len(config.rewards))
     policy = build("policy", config.policy, {"seed": config.seed, **config.policy_options})
-    if config.reward_device in ("policy", "offload"):
-        reward_device = policy.device if config.reward_device == "policy" else torch.device("cpu")
-    else:
-        reward_device = torch.device(config.reward_device)
+    device = reward_device(config, policy)
     for reward in rewards + eval_rewards:
-        reward.to(reward_device)
+        reward.to(device)
     return Components(policy, rewards, list(config.rewards), balancer, prompt_sets, eval_rewards)
 
 
@@ -164,6 +161,63 @@ class RewardFailure(MarbleError):
     """A reward failed while scoring a step; the trainer is still at its last complete step."""
 
 
+class RewardScoring:
+    """How a run scores its rewards on a batch: in training steps and in its evaluations alike
+    (the held-out evaluation during training and `marble eval` call this, never the rewards).
+
+    The K rewards score at once in ``reward_threads`` threads (each reward gets the same
+    inputs as one after the other would, so the scores are bitwise the same); with
+    ``reward_device = "offload"`` they score one after the other, each visiting the policy's
+    device only while it scores. A failure is a :class:`RewardFailure` naming the first
+    failing reward, in reward order (a reward's own ``on_error`` acts inside its call). The
+    config is read at each call (``reward_threads`` as it is now).
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config, self.device = config, device
+        self._pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+    def __call__(self, names: list[str], rewards: list[Any], images: torch.Tensor,
+                 prompts: list[str]) -> torch.Tensor:
+        """Scores [K, B] (float32) of ``rewards`` (named ``names``) on ``images``."""
+        jobs = list(zip(names, rewards, strict=True))
+        pool = self._pool(len(jobs))
+        if pool is None:
+            scores = [self._score_one(name, reward, images, prompts) for name, reward in jobs]
+        else:
+            futures = [pool.submit(self._score_one, name, reward, images, prompts) for name, reward in jobs]
+            concurrent.futures.wait(futures)  # every reward finishes before the first error is raised
+            scores = [future.result() for future in futures]
+        return torch.stack(scores) if scores else torch.zeros(0, images.shape[0])
+
+    def _score_one(self, name: str, reward: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        # `offload`: the reward model visits the policy's device only while it scores.
+        with offloaded([reward], self.device, enabled=self.config.reward_device == "offload"):
+            try:
+                return reward(images, prompts).float()
+            except MarbleError as exc:
+                raise RewardFailure(str(exc)) from exc
+            except Exception as exc:
+                raise RewardFailure(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+    def _pool(self, count: int) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Threads for ``count`` rewards (None: score them one after the other in this thread)."""
+        workers = min(self.config.reward_threads or count, count)
+        if workers <= 1 or self.config.reward_device == "offload":
+            return None
+        if workers not in self._pools:
+            self._pools[workers] = concurrent.futures.ThreadPoolExecutor(workers, "marble-reward")
+        return self._pools[workers]
+
+
+def reward_device(config: TrainConfig, policy: Any) -> torch.device:
+    """Where a run keeps its rewards: the policy's device, the CPU (``offload``: they visit the
+    policy's device while they score) or the device named."""
+    if config.reward_device in ("policy", "offload"):
+        return policy.device if config.reward_device == "policy" else torch.device("cpu")
+    return torch.device(config.reward_device)
+
+
 @dataclass
 class DrawnRollout:
     """A rollout with the prompts, prompt-set ids and prompt-group ids it was drawn for."""
@@ -216,6 +270,7 @@ class Trainer:
         self._pending: DrawnRollout | None = None
         self._pending_recipe: dict[str, Any] | None = None
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor | None] = {}
+        self.scoring = RewardScoring(cfg, self.policy.device)  # training's and its evaluations'
         if self.uses_gram and self.gram_mode_for(0) == "affine":
             gram_ops.refuse_cross_sample_ops(self.policy.trainable_module())
         if getattr(self.balancer, "gram_metric", "euclidean") == "adam-momentum" and (
@@ -315,42 +370,11 @@ class Trainer:
         return self.timestep_grid[picks[:, :repeats]].T.reshape(-1)
 
     def _score(self, images: torch.Tensor, prompts: list[str], set_ids: torch.Tensor) -> torch.Tensor:
-        """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it.
-
-        The K rewards score at once in ``reward_threads`` threads (each reward gets the same
-        inputs as one after the other would, so the scores are bitwise the same); a failure is
-        a :class:`RewardFailure` naming the first failing reward, in reward order."""
-        jobs = list(zip(self.reward_names, self.rewards))
-        pool = self._scoring_pool()
-        if pool is None:
-            scores = [self._score_one(name, reward, images, prompts) for name, reward in jobs]
-        else:
-            futures = [pool.submit(self._score_one, name, reward, images, prompts) for name, reward in jobs]
-            concurrent.futures.wait(futures)  # every reward finishes before the first error is raised
-            scores = [future.result() for future in futures]
-        rewards = torch.stack(scores)
+        """R [K, B]: every reward on every image, NaN where its prompt set is not tagged with it
+        (:class:`RewardScoring`: ``reward_threads``, ``offload``, a :class:`RewardFailure`)."""
+        rewards = self.scoring(self.reward_names, self.rewards, images, prompts)
         mask = applicability_mask(set_ids, self.reward_names, self.components.prompt_sets)
         return torch.where(mask, rewards, torch.full_like(rewards, float("nan")))
-
-    def _score_one(self, name: str, reward: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        # `offload`: the reward model visits the policy's device only while it scores.
-        with offloaded([reward], self.policy.device, enabled=self.config.reward_device == "offload"):
-            try:
-                return reward(images, prompts).float()
-            except MarbleError as exc:
-                raise RewardFailure(str(exc)) from exc
-            except Exception as exc:
-                raise RewardFailure(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
-
-    def _scoring_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
-        """Threads for the K rewards (None: score them one after the other in this thread).
-        With ``reward_device = "offload"`` one reward model at a time visits the device."""
-        workers = min(self.config.reward_threads or len(self.rewards), len(self.rewards))
-        if workers <= 1 or self.config.reward_device == "offload":
-            return None
-        if self._pools.get("rewards") is None:
-            self._pools["rewards"] = concurrent.futures.ThreadPoolExecutor(workers, "marble-reward")
-        return self._pools["rewards"]
 
     # ------------------------------------------------------------- rollouts (reward_staleness)
     def _rollout(self) -> DrawnRollout:

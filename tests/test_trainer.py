@@ -192,7 +192,7 @@ def test_zero_sharding_refuses_a_balancer_that_reads_all_of_adams_moments():
 @pytest.mark.slow
 def test_short_run_raises_a_single_offline_reward():
     """15 seeded steps on brightness move held-out brightness up by a clear margin."""
-    from marble_kit.evaluate import score_policy
+    from marble_kit.evaluate import run_scoring, score_policy
     from marble_kit.prompts import load_prompt_sets
 
     trainer = _trainer(rewards=["brightness"], prompts=["colors"], prompts_per_step=4,
@@ -200,10 +200,11 @@ def test_short_run_raises_a_single_offline_reward():
                        kl=1e-4)
     prompts = [p for p in load_prompt_sets(["world_eval"])[0].prompts[:12] for _ in range(2)]
     mask = torch.ones(1, len(prompts), dtype=torch.bool)
-    base, _ = score_policy(trainer.policy, trainer.rewards, prompts, mask, seed=5, steps=6)
+    score = run_scoring(trainer.scoring, trainer.reward_names, trainer.rewards)
+    base, _ = score_policy(trainer.policy, score, prompts, mask, seed=5, steps=6)
     for _ in range(15):
         trainer.step()
-    after, _ = score_policy(trainer.policy, trainer.rewards, prompts, mask, seed=5, steps=6)
+    after, _ = score_policy(trainer.policy, score, prompts, mask, seed=5, steps=6)
     gain_in_base_std = float((after.mean() - base.mean()) / base.std())
     assert gain_in_base_std > 0.2, gain_in_base_std  # measured ≈ 0.5 at 20 steps
 

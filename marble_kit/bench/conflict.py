@@ -42,10 +42,10 @@ from marble_kit.bench.common import (
 )
 from marble_kit.config import DEFAULT_REWARDS, TrainConfig
 from marble_kit.errors import MarbleError
-from marble_kit.evaluate import score_policy
+from marble_kit.evaluate import run_scoring, score_policy
 from marble_kit.nft import reward_row_coefficients
 from marble_kit.prompts import applicability_mask, load_prompt_sets
-from marble_kit.trainer import TrainBatch, Trainer
+from marble_kit.trainer import RewardScoring, TrainBatch, Trainer
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,8 @@ def train_method(settings: ConflictSettings, method: Method, seed: int, policy: 
             **{f"weight/{n}": metrics.get(f"weight/{n}", float("nan")) for n in config.rewards},
             **{f"reward/{n}": metrics.get(f"reward/{n}", float("nan")) for n in config.rewards},
         })
-    tuned, _ = score_policy(policy, trainer.rewards, held_out.prompts, held_out.mask,
+    tuned, _ = score_policy(policy, run_scoring(trainer.scoring, trainer.reward_names, trainer.rewards),
+                            held_out.prompts, held_out.mask,
                             settings.eval_seed, settings.sample_steps)
     return {"method": method.name, "seed": seed, "steps": steps,
             "change_in_base_std": change_in_base_std(base_scores, tuned)}
@@ -301,7 +302,8 @@ def run_conflict_benchmark(settings: ConflictSettings | None = None,
         initial_state = policy.state_dict()
         held_out = held_out_prompts(settings, list(settings.rewards))
         rewards = components_for(first, policy).rewards
-        base_scores, _ = score_policy(policy, rewards, held_out.prompts, held_out.mask,
+        score = run_scoring(RewardScoring(first, policy.device), list(first.rewards), rewards)
+        base_scores, _ = score_policy(policy, score, held_out.prompts, held_out.mask,
                                       settings.eval_seed, settings.sample_steps)
         for method in methods:
             if on_run is not None:
