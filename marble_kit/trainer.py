@@ -644,11 +644,12 @@ class Trainer:
             self._fused_backward(batch.select(rest, batch.coef[:, rest.to(batch.coef.device)], batch.candidates),
                                  weights, anchor_rows=batch.x0.shape[0])
         self.dist.all_reduce_mean_grads(self.params)
-        full = self.judgement.counts().to(torch.float64)
-        share = torch.where(full > 0, sample.counts.to(torch.float64) / full.clamp_min(1.0), torch.zeros_like(full))
-        combined = weights.to(torch.float64) * share
-        keep = (combined != 0).to(grads.device)  # (an unweighted reward's gradient may be non-finite)
-        part = combined.to(grads)[keep] @ grads[keep]
+        full = self.judgement.counts().to(torch.float64).cpu()  # (host tensors: no device read)
+        share = torch.where(full > 0, sample.counts.to(torch.float64).cpu() / full.clamp_min(1.0),
+                            torch.zeros_like(full))
+        combined = weights.to(torch.float64).cpu() * share
+        keep = combined != 0  # (an unweighted reward's gradient may be non-finite)
+        part = combined[keep].to(grads) @ grads[keep]
         gram_ops.write_flat_grad(self.params, part + anchor, accumulate=True)
 
     def _count_passes(self, count: int, rows: slice) -> None:
