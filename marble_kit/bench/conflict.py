@@ -148,7 +148,7 @@ class DiagnosedTrainer(Trainer):
         coef = reward_row_coefficients(judgement.judged[:, rows], judgement.counts())
         return adv.probabilities[:, rows].to(batch.r), coef.to(batch.coef), judgement.candidates()
 
-    def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor) -> None:
+    def _fused_backward(self, batch: TrainBatch, weights: torch.Tensor, anchor_rows: int | None = None) -> None:
         summed = self.summed_weights is not None
         if summed:
             r, coef, candidates = self._per_reward_rows(batch)
@@ -161,7 +161,7 @@ class DiagnosedTrainer(Trainer):
         fused = weights_ @ grads[num_rewards:] if summed else weights_ @ grads
         before = torch.cat([p.detach().reshape(-1).clone() for p in self.params])
         self._diagnosis = (grads[:num_rewards], fused, before, self._active(candidates, grads[:num_rewards]))
-        super()._fused_backward(batch, weights)
+        super()._fused_backward(batch, weights, anchor_rows)
 
     def step(self) -> dict[str, Any]:
         self._diagnosis = None

@@ -132,8 +132,9 @@ class FidelityTrainer(Trainer):
     fractions: tuple[float, ...] = SAMPLED_FRACTIONS
     fp32_reference: bool = False
 
-    def _exact_gradients(self, batch: TrainBatch, anchor: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        grads, anchor_grad = super()._exact_gradients(batch, anchor)
+    def _exact_gradients(self, batch: TrainBatch, anchor: bool = True, anchor_rows: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        grads, anchor_grad = super()._exact_gradients(batch, anchor, anchor_rows)
         if self.gradients is not None and "exact" in self.gradients:
             return grads, anchor_grad  # a nested call (the fp32 reference below)
         record = {"exact": self._record(batch, grads)}
