@@ -189,7 +189,8 @@ def speed(
     rounds: int | None = typer.Option(None, "--rounds", help="At most this many measured steps per variant "
                                       "(default 60; 80 for sd3.5-arch / flux-arch)."),
     min_rounds: int | None = typer.Option(None, "--min-rounds", help="At least this many (default 20; 10 for "
-                                          "sd3.5-arch / flux-arch), then stop once periodic's interval is within the target."),
+                                          "sd3.5-arch / flux-arch), then stop once periodic's interval is within the target "
+                                          "(without marble-periodic: at this many). Ctrl-C keeps the rounds done."),
     target_halfwidth: float | None = typer.Option(None, "--target-halfwidth", help="Stop when the 95 % interval "
                                                   "of periodic's whole-step ratio is within ± this (default 0.01; 0: "
                                                   "always --rounds)."),
@@ -246,12 +247,25 @@ def speed(
         scoring_rounds = 5 if policy == "tiny-sd3" else 0
     err_console.print(f"marble bench speed: {policy}, {settings.warmup} + {settings.min_rounds}–{settings.rounds} "
                       f"rounds × {len(settings.variants)} variants", highlight=False)
-    report = run_speed_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}", highlight=False))
+    try:
+        report = run_speed_benchmark(settings, on_round=lambda i, n: err_console.print(f"  round {i}/{n}",
+                                                                                       highlight=False))
+    except KeyboardInterrupt:
+        err_console.print("marble bench speed: interrupted (Ctrl-C) before the first measured round; nothing "
+                          "written", highlight=False)
+        raise typer.Exit(code=130) from None
     json_path, plot_path = _write_outputs(report, out, "speed", plot_speed)
+    stopping = report["stopping"]
+    interrupted = stopping["reason"] == "interrupted"
+    if interrupted:  # what was measured is kept; the scoring section is not started
+        err_console.print(f"marble bench speed: interrupted (Ctrl-C) after {stopping['rounds']} rounds: their "
+                          f"results follow and are in {json_path}", highlight=False)
     if json_output:
         print_json(_summary(report))
-        if scoring_rounds > 0:  # its table is not printed; scoring.json holds it
+        if scoring_rounds > 0 and not interrupted:  # its table is not printed; scoring.json holds it
             _scoring_section(policy, settings.policy_options, scoring_rounds, out, quiet=True)
+        if interrupted:
+            raise typer.Exit(code=130)
         return
     table = Table(title=f"Time per training step (median s) — {_machine_line(report)}", box=box.SIMPLE_HEAD,
                   show_edge=False, collapse_padding=True)
@@ -259,7 +273,6 @@ def speed(
     for column in ("step", "rollout", "rewards", "update", "grad step", "× step", "× step − rollout",
                    "× grad step", "peak MiB"):
         table.add_column(column, justify="right")
-    stopping = report["stopping"]
     table.caption = (f"seconds (median, {report['clock']}), then speed vs (a) with its 95 % bootstrap interval "
                      f"over {stopping['rounds']} rounds (stopped: {stopping['reason']}), then peak memory")
     for row in report["rows"]:
@@ -270,6 +283,8 @@ def speed(
     console.print(table)
     _print_targets(report["targets"])
     console.print(f"wrote {json_path} and {plot_path}", highlight=False)
+    if interrupted:
+        raise typer.Exit(code=130)
     if scoring_rounds > 0:
         _scoring_section(policy, settings.policy_options, scoring_rounds, out)
 

@@ -265,8 +265,90 @@ def test_measurement_stops_once_periodics_interval_is_narrow_enough():
     try:
         trainers = {"single": Clockwork(1.0), "marble-periodic": Clockwork(1.0)}
         stop = lambda samples: len(samples["single"]) >= 3 and periodic_halfwidth(samples) <= 0.01  # noqa: E731
-        samples = measure(trainers, rounds=50, warmup=1, stop=stop)
+        samples, reason = measure(trainers, rounds=50, warmup=1, stop=stop)
     finally:
         speed.time_one_step = original
-    assert len(samples["single"]) == 3 and len(steps) == 2 * 4  # a warm-up round, then 3 (identical ratios)
+    assert reason == "stop"  # a warm-up round, then 3 (identical ratios)
+    assert len(samples["single"]) == 3 and len(steps) == 2 * 4
     assert periodic_halfwidth(samples) == 0.0
+
+
+# ------------------------------------------------------------------ stopping: no periodic, Ctrl-C
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from marble_kit.registry import build
+
+    return build("policy", "tiny-sd3", {"seed": 0})
+
+
+def _clockwork_steps(monkeypatch, interrupt_at: int | None = None) -> list:
+    """time_one_step replaced by fixed timings (one call per variant and round); the call
+    numbered ``interrupt_at`` (from 1) raises KeyboardInterrupt, as a Ctrl-C inside a step does."""
+    import marble_kit.bench.speed as speed
+
+    calls = []
+
+    def fake_step(trainer):
+        calls.append(trainer)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return {"step": 1.0 + 0.01 * (len(calls) % 3), "rollout": 0.1, "rewards": 0.0, "update": 0.5,
+                "gradient_step": 0.3, "peak_memory_mb": 1.0, "gram_mode": "none", "backward_passes": 1.0}
+
+    monkeypatch.setattr(speed, "time_one_step", fake_step)
+    return calls
+
+
+def test_without_the_periodic_variant_the_bench_stops_at_min_rounds_and_says_so(tiny_policy, monkeypatch):
+    """The adaptive rule tracks periodic's interval; without periodic there is none to track."""
+    from marble_kit.bench.speed import run_speed_benchmark
+
+    _clockwork_steps(monkeypatch)
+    settings = SpeedSettings(rounds=6, min_rounds=3, warmup=0, variants=["single", "weighted-sum"])
+    stopping = run_speed_benchmark(settings, policy=tiny_policy)["stopping"]
+    assert stopping["rounds"] == 3 and stopping["reason"] == "min rounds (no marble-periodic variant)"
+    assert stopping["periodic_halfwidth"] is None
+    # with the interval rule off it runs every round; with periodic it reports its interval
+    settings = SpeedSettings(rounds=4, min_rounds=2, warmup=0, target_halfwidth=0.0,
+                             variants=["single", "weighted-sum"])
+    stopping = run_speed_benchmark(settings, policy=tiny_policy)["stopping"]
+    assert stopping["rounds"] == 4 and stopping["reason"] == "max rounds" and stopping["periodic_halfwidth"] is None
+    settings = SpeedSettings(rounds=6, min_rounds=3, warmup=0, target_halfwidth=0.5,
+                             variants=["single", "marble-periodic"])
+    stopping = run_speed_benchmark(settings, policy=tiny_policy)["stopping"]
+    assert stopping["rounds"] == 3 and stopping["reason"] == "interval" and 0 <= stopping["periodic_halfwidth"] <= 0.5
+
+
+def test_measure_keeps_the_rounds_finished_before_a_ctrl_c(monkeypatch):
+    # two variants: 2 warm-up rounds and 2 measured ones, then a Ctrl-C in the second step of the third
+    calls = _clockwork_steps(monkeypatch, interrupt_at=2 * 2 + 2 * 2 + 2)
+    trainers = {"single": object(), "weighted-sum": object()}
+    samples, reason = measure(trainers, rounds=10, warmup=2)
+    assert reason == "interrupted" and len(calls) == 10
+    # the round the Ctrl-C cut is dropped: every variant has the same complete rounds
+    assert [len(runs) for runs in samples.values()] == [2, 2]
+    calls = _clockwork_steps(monkeypatch, interrupt_at=3)  # still warming up: nothing to keep
+    with pytest.raises(KeyboardInterrupt):
+        measure(trainers, rounds=10, warmup=2)
+
+
+def test_cli_speed_interrupted_writes_and_prints_the_finished_rounds(tiny_policy, monkeypatch, tmp_path):
+    import marble_kit.bench.speed as speed
+
+    monkeypatch.setattr(speed, "build_policy", lambda config: tiny_policy)
+    _clockwork_steps(monkeypatch, interrupt_at=2 * 3 + 1)  # three rounds of single + weighted-sum, then Ctrl-C
+    result = runner.invoke(app, ["bench", "speed", "--variants", "single,weighted-sum", "--rounds", "10",
+                                 "--warmup", "0", "--scoring-rounds", "5", "--out", str(tmp_path)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted (Ctrl-C) after 3 rounds" in result.output and "Traceback" not in result.output
+    assert "scoring section" not in result.output  # it stops there
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["stopping"]["reason"] == "interrupted" and saved["stopping"]["rounds"] == 3
+    assert [row["steps"] for row in saved["rows"]] == [3, 3] and (tmp_path / "speed.png").stat().st_size > 0
+    assert not (tmp_path / "scoring.json").exists()
+    # a Ctrl-C before the first measured round: nothing to keep, one line
+    _clockwork_steps(monkeypatch, interrupt_at=1)
+    result = runner.invoke(app, ["bench", "speed", "--variants", "single,weighted-sum", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 130 and "before the first measured round" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b" / "speed.json").exists()

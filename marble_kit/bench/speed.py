@@ -28,7 +28,9 @@ a 95 % bootstrap interval over the rounds (:func:`bootstrap_interval`). "step �
 out the rollout, identical work in every variant whose time still varies between them.
 
 Rounds: at least ``min_rounds``, then until the interval of the periodic variant's whole-step
-ratio is within ± ``target_halfwidth`` (default 1 %), at most ``rounds`` (and ``max_seconds``).
+ratio is within ± ``target_halfwidth`` (default 1 %), at most ``rounds`` (and ``max_seconds``);
+without the periodic variant, ``min_rounds`` (``target_halfwidth`` 0: always ``rounds``). A Ctrl-C
+keeps the rounds finished before it (``stopping.reason`` "interrupted").
 """
 
 from __future__ import annotations
@@ -201,24 +203,33 @@ def time_one_step(trainer: Trainer) -> dict[str, float]:
 def measure(trainers: dict[str, Trainer], rounds: int, warmup: int,
             on_round: Callable[[int, int], None] | None = None,
             stop: Callable[[dict[str, list[dict[str, float]]]], bool] | None = None,
-            max_seconds: float = 0.0) -> dict[str, list[dict[str, float]]]:
-    """Alternating, repeated steps: per variant the list of measured step samples. After each
-    measured round ``stop(samples)`` may end the measurement early; so may ``max_seconds``."""
+            max_seconds: float = 0.0) -> tuple[dict[str, list[dict[str, float]]], str]:
+    """Alternating, repeated steps: per variant the list of measured step samples, and why the
+    measurement ended: ``"stop"`` (after a measured round ``stop(samples)`` said so), ``"time
+    limit"`` (``max_seconds``), ``"max rounds"`` or ``"interrupted"`` (a Ctrl-C: the rounds
+    finished before it are kept, the one it cut is dropped so that every variant has the same
+    rounds; a Ctrl-C before the first measured round is re-raised)."""
     names = list(trainers)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     started = time.perf_counter()
-    for round_index in range(warmup + rounds):
-        for name in round_order(names, round_index):
-            sample = time_one_step(trainers[name])
+    try:
+        for round_index in range(warmup + rounds):
+            this_round = {name: time_one_step(trainers[name]) for name in round_order(names, round_index)}
             if round_index >= warmup:
-                samples[name].append(sample)
-        if on_round is not None:
-            on_round(round_index + 1, warmup + rounds)
-        if round_index >= warmup and (
-                (stop is not None and stop(samples))
-                or (max_seconds > 0 and time.perf_counter() - started >= max_seconds)):
-            break
-    return samples
+                for name, sample in this_round.items():
+                    samples[name].append(sample)
+            if on_round is not None:
+                on_round(round_index + 1, warmup + rounds)
+            if round_index >= warmup:
+                if stop is not None and stop(samples):
+                    return samples, "stop"
+                if max_seconds > 0 and time.perf_counter() - started >= max_seconds:
+                    return samples, "time limit"
+    except KeyboardInterrupt:
+        if not samples[names[0]]:
+            raise
+        return samples, "interrupted"
+    return samples, "max rounds"
 
 
 def bootstrap_interval(values: list, statistic: Callable[[list], float] = statistics.median,
@@ -282,9 +293,10 @@ def summarize(samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
 
 
 def periodic_halfwidth(samples: dict[str, list[dict[str, float]]]) -> float:
-    """Half the width of the periodic variant's whole-step ratio interval (inf before 2 rounds)."""
+    """Half the width of the periodic variant's whole-step ratio interval (inf before 2 rounds;
+    NaN without the periodic variant: no interval to track)."""
     if "marble-periodic" not in samples:
-        return 0.0
+        return float("nan")
     lower, upper = bootstrap_interval(round_ratios(samples["single"], samples["marble-periodic"], "step"),
                                       resamples=500)
     return (upper - lower) / 2.0 if math.isfinite(lower) else float("inf")
@@ -370,19 +382,20 @@ def run_speed_benchmark(settings: SpeedSettings | None = None, policy: Any = Non
     trainers = build_trainers(settings, policy)
     shared_policy = next(iter(trainers.values())).policy
     minimum = min(settings.min_rounds, settings.rounds)
+    # The adaptive rule tracks periodic's whole-step interval; without that variant there is no
+    # interval to track, and the minimum number of rounds is what the measurement gets.
+    tracked = "marble-periodic" in trainers
 
     def enough(samples: dict[str, list[dict[str, float]]]) -> bool:
-        done = len(samples["single"])
-        return (settings.target_halfwidth > 0 and done >= minimum
-                and periodic_halfwidth(samples) <= settings.target_halfwidth)
+        return (settings.target_halfwidth > 0 and len(samples["single"]) >= minimum
+                and (not tracked or periodic_halfwidth(samples) <= settings.target_halfwidth))
 
     started = time.perf_counter()
-    samples = measure(trainers, settings.rounds, settings.warmup, on_round, stop=enough,
-                      max_seconds=settings.max_seconds)
+    samples, ended = measure(trainers, settings.rounds, settings.warmup, on_round, stop=enough,
+                             max_seconds=settings.max_seconds)
     rounds = len(samples["single"])
-    halfwidth = periodic_halfwidth(samples)
-    reason = ("interval" if settings.target_halfwidth > 0 and halfwidth <= settings.target_halfwidth
-              and rounds >= minimum else "max rounds" if rounds >= settings.rounds else "time limit")
+    halfwidth = periodic_halfwidth(samples) if tracked else None
+    reason = ended if ended != "stop" else "interval" if tracked else "min rounds (no marble-periodic variant)"
     rows = summarize(samples)
     return {
         "benchmark": "speed",
