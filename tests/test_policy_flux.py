@@ -321,3 +321,20 @@ def test_every_gram_mode_micro_batches_sampled_rows_and_the_grid_train_flux(tiny
     assert seen["gram_rows"] == ["affine"] and seen["micro_batch"] == ["affine"]
     whole, parts = seen["affine/grad"], seen["micro_batch/grad"]
     assert (parts - whole).norm() <= 1e-4 * whole.norm()  # micro-batches sum to the whole batch
+
+
+@pytest.mark.parametrize("factory", ["flux", "flux-arch"])
+@pytest.mark.parametrize("bad", [{"mixed_precision": "fp8"}, {"rank": 0}, {"gradient_checkpointing": "maybe"},
+                                 {"compile": 1.5}])
+def test_bad_options_are_refused_before_any_weights_load(factory, bad, tiny_flux_dir, monkeypatch):
+    """A mistyped option is a one-line error before FLUX.1's 12 B weights are read or built."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(flux, "load_flux_pipeline", no_weights)
+    monkeypatch.setattr(flux, "flux_arch_pipeline", no_weights)
+    monkeypatch.setenv("MARBLE_ALLOW_CPU_ARCH", "1")
+    options = {"path": str(tiny_flux_dir)} if factory == "flux" else {}
+    with pytest.raises(MarbleError, match=next(iter(bad))) as error:
+        build("policy", factory, {**options, "device": "cpu", **bad})
+    assert "\n" not in str(error.value)

@@ -8,6 +8,7 @@ from policy_checks import assert_checkpointing_keeps_gradients, perturb
 
 from marble_kit.errors import MarbleError
 from marble_kit.policy import Policy, offloaded
+from marble_kit.registry import build
 from marble_plugins.policies import flow_matching, sd3
 from marble_plugins.policies.sd3 import build_sd35, build_tiny_sd3
 
@@ -441,3 +442,20 @@ def test_compile_runs_the_no_grad_forwards_through_torch_compile(batch, monkeypa
     assert compiled_calls == [False] * 4 and options == [{"dynamic": False, "mode": "reduce-overhead"}]
     with pytest.raises(MarbleError, match="compile"):
         build_tiny_sd3(compile=3)
+
+
+@pytest.mark.parametrize("factory", ["sd3.5", "tiny-sd3", "sd3.5-arch"])
+@pytest.mark.parametrize("bad", [{"mixed_precision": "fp8"}, {"rank": 0}, {"gradient_checkpointing": "maybe"},
+                                 {"compile": 1.5}])
+def test_bad_options_are_refused_before_any_weights_load(factory, bad, monkeypatch):
+    """A mistyped option is a one-line error before the (multi-GB) weights are read or built."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(sd3, "load_sd3_pipeline", no_weights)
+    monkeypatch.setattr(sd3, "sd35_arch_pipeline", no_weights)
+    monkeypatch.setenv("MARBLE_ALLOW_CPU_ARCH", "1")
+    options = {"path": str(sd3.TINY_PRIOR_DIR)} if factory != "sd3.5-arch" else {}
+    with pytest.raises(MarbleError, match=next(iter(bad))) as error:
+        build("policy", factory, {**options, "device": "cpu", **bad})
+    assert "\n" not in str(error.value)

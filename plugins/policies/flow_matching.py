@@ -108,6 +108,22 @@ def autocast_dtype_of(policy: str, mixed_precision: str) -> torch.dtype | None:
     return MIXED_PRECISION[mixed_precision]
 
 
+def check_options(policy: str, *, mixed_precision: str, rank: int, gradient_checkpointing: bool | str,
+                  compile: bool | str) -> torch.dtype | None:
+    """The options a factory can check before it loads or builds any weights (a mistyped one is a
+    one-line error in a second, not after reading gigabytes): the autocast dtype, or an error."""
+    autocast_dtype = autocast_dtype_of(policy, mixed_precision)
+    if rank < 1:
+        raise MarbleError(f"policy {policy!r}: LoRA rank must be ≥ 1 (got {rank})")
+    if gradient_checkpointing not in (True, False, "auto"):
+        raise MarbleError(f"policy {policy!r}: gradient_checkpointing={gradient_checkpointing!r} must be "
+                          "true, false or \"auto\" (keep the activations when they fit in GPU memory)")
+    if compile not in (True, False) and not isinstance(compile, str):
+        raise MarbleError(f"policy {policy!r}: compile={compile!r} must be true, false or a torch.compile "
+                          "mode (e.g. \"reduce-overhead\")")
+    return autocast_dtype
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -253,15 +269,8 @@ class FlowMatchingPolicy(abc.ABC):
                  resolution: int | None = None, steps: int = 25, cfg_scale: float = 1.0,
                  sample_batch_size: int = 0, prompt_cache_size: int = 1024,
                  threads: int | None = None, compile: bool | str = False):
-        autocast_dtype = autocast_dtype_of(name, mixed_precision)
-        if rank < 1:
-            raise MarbleError(f"policy {name!r}: LoRA rank must be ≥ 1 (got {rank})")
-        if gradient_checkpointing not in (True, False, "auto"):
-            raise MarbleError(f"policy {name!r}: gradient_checkpointing={gradient_checkpointing!r} must be "
-                              "true, false or \"auto\" (keep the activations when they fit in GPU memory)")
-        if compile not in (True, False) and not isinstance(compile, str):
-            raise MarbleError(f"policy {name!r}: compile={compile!r} must be true, false or a torch.compile "
-                              "mode (e.g. \"reduce-overhead\")")
+        autocast_dtype = check_options(name, mixed_precision=mixed_precision, rank=rank,
+                                       gradient_checkpointing=gradient_checkpointing, compile=compile)
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.name = name

@@ -39,7 +39,7 @@ from marble_kit.hookspecs import hookimpl
 from marble_plugins.policies.flow_matching import (
     FlowMatchingPolicy,
     TextCond,
-    autocast_dtype_of,
+    check_options,
     default_device,
     load_pipeline,
     quietly_imported,
@@ -253,7 +253,8 @@ def build_flux(path: str | None = None, rank: int = 32, alpha: float | None = No
     The defaults are FluxPipeline's sampling (28 steps, guidance 3.5, 512 T5 tokens) at 512 px,
     with the memory options one GPU needs. For schnell pass e.g. ``steps=4, max_sequence_length=256``.
     """
-    dtype = autocast_dtype_of("flux", mixed_precision) or torch.float32  # checked before loading 12 B weights
+    dtype = check_options("flux", mixed_precision=mixed_precision, rank=rank,
+                          gradient_checkpointing=gradient_checkpointing, compile=compile) or torch.float32
     target_device = torch.device(device) if device else default_device()
     pipeline = load_flux_pipeline(resolve_flux_path(path),
                                   torch_dtype=dtype if target_device.type == "cuda" else torch.float32)
@@ -279,7 +280,8 @@ def build_flux_arch(rank: int = 32, alpha: float | None = None,
         raise MarbleError(
             "policy 'flux-arch' builds a 12 B-parameter transformer: run it on a GPU "
             "(`--policy-opt device=cuda`), or set MARBLE_ALLOW_CPU_ARCH=1 to insist on the CPU")
-    dtype = autocast_dtype_of("flux-arch", mixed_precision) or torch.float32
+    dtype = check_options("flux-arch", mixed_precision=mixed_precision, rank=rank,
+                          gradient_checkpointing=gradient_checkpointing, compile=compile) or torch.float32
     with torch.random.fork_rng(devices=[target_device] if target_device.type == "cuda" else []):
         torch.manual_seed(seed)
         pipeline = flux_arch_pipeline(target_device, dtype if target_device.type == "cuda" else torch.float32)

@@ -25,9 +25,9 @@ import torch
 from marble_kit.errors import MarbleError
 from marble_kit.hookspecs import hookimpl
 from marble_plugins.policies.flow_matching import (
-    MIXED_PRECISION,
     FlowMatchingPolicy,
     TextCond,
+    check_options,
     default_device,
     load_pipeline,
     quietly_imported,
@@ -199,7 +199,8 @@ def build_sd35(path: str | None = None, use_t5: bool = True, rank: int = 32,
                sample_batch_size: int = 0, threads: int | None = None,
                compile: bool | str = False) -> SD3Policy:
     """Stable Diffusion 3.5 Medium from a local directory (`path`, $MARBLE_SD35_PATH or HF cache)."""
-    dtype = MIXED_PRECISION.get(mixed_precision) or torch.float32
+    dtype = check_options("sd3.5", mixed_precision=mixed_precision, rank=rank,  # before loading 8 GB
+                          gradient_checkpointing=gradient_checkpointing, compile=compile) or torch.float32
     target_device = torch.device(device) if device else default_device()
     pipeline = load_sd3_pipeline(resolve_sd35_path(path), use_t5=use_t5,
                                  torch_dtype=dtype if target_device.type == "cuda" else torch.float32)
@@ -221,6 +222,8 @@ def build_tiny_sd3(path: str | None = None, rank: int = 8, alpha: float | None =
                    sample_batch_size: int = 0, threads: int | None = TINY_DEFAULT_THREADS,
                    compile: bool | str = False) -> SD3Policy:
     """The shipped tiny SD3 prior (64×64 px), loaded through the same loader as `sd3.5`."""
+    check_options("tiny-sd3", mixed_precision=mixed_precision, rank=rank,
+                  gradient_checkpointing=gradient_checkpointing, compile=compile)
     directory = Path(path).expanduser() if path else TINY_PRIOR_DIR
     if not (directory / "model_index.json").is_file():
         raise MarbleError(
@@ -289,7 +292,8 @@ def build_sd35_arch(rank: int = 32, alpha: float | None = None,
         raise MarbleError(
             "policy 'sd3.5-arch' builds a 2.2 B-parameter transformer: run it on a GPU "
             "(`--policy-opt device=cuda`), or set MARBLE_ALLOW_CPU_ARCH=1 to insist on the CPU")
-    dtype = MIXED_PRECISION.get(mixed_precision) or torch.float32
+    dtype = check_options("sd3.5-arch", mixed_precision=mixed_precision, rank=rank,
+                          gradient_checkpointing=gradient_checkpointing, compile=compile) or torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipeline = sd35_arch_pipeline(target_device, dtype if target_device.type == "cuda" else torch.float32)
