@@ -343,7 +343,7 @@ def counts(
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:
         options["device"] = device
-    settings.policy_options = ensure_device(options, policy)
+    settings.policy_options = ensure_device(options, policy, "counts")
     chosen = split_names(variants) if variants else None
     err_console.print(f"marble bench counts: {policy}, one profiled step per variant", highlight=False)
     def written(report: dict) -> None:  # after every variant: a stage cut short keeps what it measured
@@ -428,7 +428,7 @@ def memory(
     options.update(_single_plugin_options(policy_opt, "--policy-opt"))
     if device is not None:
         options["device"] = device
-    settings = MemorySettings(policy=policy, policy_options=ensure_device(options, policy), steps=steps,
+    settings = MemorySettings(policy=policy, policy_options=ensure_device(options, policy, "memory"), steps=steps,
                               prompts_per_step=prompts_per_step, images_per_prompt=images_per_prompt,
                               timesteps_per_image=timesteps_per_image, sample_steps=sample_steps,
                               **({"variants": split_names(variants)} if variants else {}))
@@ -555,7 +555,7 @@ def fidelity(
     options = {**settings.policy_options, **_single_plugin_options(policy_opt, "--policy-opt")}
     if device is not None:
         options["device"] = device
-    settings.policy_options = ensure_device(options, policy)
+    settings.policy_options = ensure_device(options, policy, "fidelity")
     err_console.print(f"marble bench fidelity: {policy}, {balancer}, {settings.seeds} seeds × {settings.steps} steps, "
                       f"period {period}", highlight=False)
     report = run_fidelity_benchmark(settings, on_seed=lambda seed: err_console.print(f"  seed {seed}",

@@ -156,7 +156,8 @@ def test_cli_benches_accept_flux_arch_and_reach_its_factory(bench, monkeypatch):
     monkeypatch.delenv("MARBLE_ALLOW_CPU_ARCH", raising=False)
     if not torch.cuda.is_available():
         result = runner.invoke(app, ["bench", bench, "--policy", "flux-arch"])
-        assert result.exit_code == 2 and "--policy flux-arch needs a CUDA GPU" in result.output
+        assert result.exit_code == 2 and f"marble bench {bench}: --policy flux-arch needs a CUDA GPU" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     if bench != "memory":  # memory builds each variant in a fresh process: the same factory, 2 s more
         result = runner.invoke(app, ["bench", bench, "--policy", "flux-arch", "--device", "cpu"])
         assert result.exit_code == 2 and "'flux-arch'" in result.output and "MARBLE_ALLOW_CPU_ARCH" in result.output

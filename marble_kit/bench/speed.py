@@ -446,12 +446,12 @@ def plot_speed(report: dict[str, Any], path) -> Any:
     return save_figure(fig, path)
 
 
-def ensure_device(policy_options: dict, policy: str) -> dict:
-    """The GPU architectures default to CUDA; on a machine without one say so before building
-    billions of weights."""
+def ensure_device(policy_options: dict, policy: str, bench: str = "speed") -> dict:
+    """The GPU architectures default to CUDA; on a machine without one say so (as `marble bench
+    BENCH`) before building billions of weights."""
     options = dict(policy_options)
     if policy in GPU_ARCH_POLICIES and str(options.get("device", "cuda")).startswith("cuda") \
             and not torch.cuda.is_available():
-        raise MarbleError(f"speed bench: --policy {policy} needs a CUDA GPU (none is visible); run it "
+        raise MarbleError(f"marble bench {bench}: --policy {policy} needs a CUDA GPU (none is visible); run it "
                           "on a GPU machine, or pass --device cpu with MARBLE_ALLOW_CPU_ARCH=1 to insist")
     return options
