@@ -38,6 +38,8 @@ from marble_kit.reward_protocol import (
 )
 from marble_kit.rewards import Reward
 
+REMOTE_PREFIX = "remote:"  # the client family (marble_kit.remote), not something a server serves
+
 
 def _import_server() -> tuple[Any, Any]:
     try:
@@ -171,28 +173,54 @@ def serve_reward(name: str, options: dict[str, Any] | None = None, host: str = "
                  max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_batch: int = DEFAULT_MAX_BATCH,
                  device: str | None = None, log_level: str = "warning",
                  on_ready: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-    """Build reward ``name`` (weights are checked now), listen, call ``on_ready(url, info)``,
-    then serve until SIGINT/SIGTERM."""
+    """Check the options, listen on ``host:port``, build reward ``name`` (weights are checked
+    now), call ``on_ready(url, info)``, then serve until SIGINT/SIGTERM. Every mistake that can
+    be seen without the reward (port, log level, device, a busy port) is a one-line error before
+    its weights are loaded."""
     _, uvicorn = _import_server()
+    from uvicorn.config import LOG_LEVELS
+
     if max_request_mb <= 0 or max_batch < 1:
         raise MarbleError(f"--max-request-mb must be > 0 and --max-batch >= 1 (got {max_request_mb}, {max_batch})")
     if token is not None and not token.strip():
         raise MarbleError("--token is empty; pass a secret (or leave it out to serve without a token)")
-    plugin = registry.get_registry().get("reward", name)
-    reward = registry.build("reward", name, options or {})
+    if not 0 <= port <= 65535:
+        raise MarbleError(f"--port {port} is not a TCP port; pass one in 0–65535 (0 picks a free one)")
+    if log_level.lower() not in LOG_LEVELS:
+        raise MarbleError(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if device is not None:
-        reward.to(device)
-    limit = int(max_request_mb * 2**20)
-    info = reward_info(name, reward, plugin, max_batch, limit)
-    app = create_app(name, reward, info, token=token, max_request_bytes=limit, max_batch=max_batch)
-    sock = listen(host, port)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
-    if on_ready is not None:
-        on_ready(server_url(sock), info)
+        _check_device(device)
+    if name.startswith(REMOTE_PREFIX):
+        served = name[len(REMOTE_PREFIX):]
+        raise MarbleError(f"marble serve-reward serves an installed reward plugin, not a {name!r} client; "
+                          f"run `marble serve-reward {served}` and train with --rewards {name}")
+    plugin = registry.get_registry().get("reward", name)
+    sock = listen(host, port)  # before the weights: a busy port is refused at once
     try:
+        reward = registry.build("reward", name, options or {})
+        if device is not None:
+            reward.to(device)
+        limit = int(max_request_mb * 2**20)
+        info = reward_info(name, reward, plugin, max_batch, limit)
+        app = create_app(name, reward, info, token=token, max_request_bytes=limit, max_batch=max_batch)
+        config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off")
+        if on_ready is not None:
+            on_ready(server_url(sock), info)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _check_device(device: str) -> None:
+    """A torch device this machine has, or a one-line error (a server on a missing GPU would
+    start, then fail every request)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise MarbleError(f"--device {device!r} is not a torch device; pass e.g. cpu or cuda:0") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MarbleError(f"--device {device}: no CUDA GPU is visible on this machine; pass --device cpu "
+                          "or serve from a GPU machine")
 
 
 @contextlib.contextmanager

@@ -125,6 +125,7 @@ def kill_after_step(monkeypatch, server: Server, step: int) -> None:
 def test_the_server_names_its_reward_and_refuses_a_wrong_token(servers, reference, tmp_path, monkeypatch):
     """(`reference` trains while the servers boot.)"""
     server = servers["first"]
+    assert server.url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
     info = build("reward", "remote:centering", {"url": server.url, "token": TOKEN}).info
     assert (info["protocol"], info["reward"], info["provider"]) == (1, "centering", "marble-kit")
     assert info["version"] and info["max_batch"] >= 1 and "float32" in info["encodings"]
@@ -277,3 +278,45 @@ def test_a_set_tagged_with_a_reward_is_judged_by_the_served_reward_as_in_process
     renamed = {key.replace("remote:color", "color"): value for key, value in metrics.items()
                if not key.startswith(("time/", *CLIENT_COUNTERS))}
     assert renamed == {key: value for key, value in reference.items() if not key.startswith("time/")}
+
+
+SERVE_MISTAKES = [
+    (["nosuch"], "unknown reward 'nosuch'"),
+    (["remote:centering"], "serves an installed reward plugin"),
+    (["centering", "--reward-opt", "centering.nosuch=1"], "has no option 'nosuch'"),
+    (["centering", "--reward-opt", "clip.weights=x"], "this server serves 'centering'"),
+    (["centering", "--port", "70000"], "--port 70000"),
+    (["centering", "--log-level", "loud"], "--log-level 'loud'"),
+    (["centering", "--device", "cdua"], "--device 'cdua'"),
+    (["centering", "--max-batch", "0"], "--max-batch"),
+]
+if not torch.cuda.is_available():
+    SERVE_MISTAKES.append((["centering", "--device", "cuda"], "no CUDA GPU"))
+
+
+@pytest.mark.parametrize("args, message", SERVE_MISTAKES)
+def test_serve_reward_mistakes_are_one_line_errors_before_serving(args, message, monkeypatch):
+    import uvicorn
+
+    def no_serving(self, *args, **kwargs):
+        raise AssertionError("the server started despite the mistake")
+
+    monkeypatch.setattr(uvicorn.Server, "run", no_serving)
+    result = marble("serve-reward", *args, "--port", "0") if "--port" not in args else marble("serve-reward", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_a_busy_port_is_refused_before_the_reward_is_built(monkeypatch):
+    """The port is bound first: a mistyped --port does not wait for gigabytes of reward weights."""
+    import socket
+
+    import marble_kit.serve as serve
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the reward was built before the port was checked")
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        monkeypatch.setattr(serve.registry, "build", no_build)
+        result = marble("serve-reward", "centering", "--port", busy.getsockname()[1])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.stderr, result.output
