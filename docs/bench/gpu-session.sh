@@ -8,10 +8,12 @@
 #   docs/bench/gpu-session.sh speed|counts|memory|fidelity|options|recipe   # one stage per call
 #   docs/bench/gpu-session.sh flux       # a call of its own: the benches on FLUX.1-dev's architecture
 #
-# `all` runs, each under its own time limit so that the call ends within 8 minutes:
+# `all` runs, each under its own time limit (460 s together, + the wheels' install; a stage past
+# its limit gets SIGINT, 20 s to end, then SIGKILL), so that the call ends within ~8 minutes:
 #   speed   (~4 min)  the six variants + the two stacked ones, rounds until periodic's interval is
 #                     within +-1 % or 3 minutes of rounds have passed; CUDA events per phase,
-#                     bootstrap intervals for every ratio (speed.json, speed.png);
+#                     bootstrap intervals for every ratio (speed.json, speed.png; cut by its
+#                     limit, it still writes and prints the rounds it finished);
 #   counts  (~1.5 min) one profiled step of $COUNT_VARIANTS (default: single, the variant of the
 #                     "kernels halved" target): kernels, launches, syncs, casts per phase and pass;
 #   memory  (~1.5 min) single and affine, one step each in a fresh process: the whole step's peak
@@ -31,13 +33,17 @@
 # wheel of a package it has only shadows it under /tmp/site).
 #
 # GPU_SESSION_CPU_TEST=1 runs the same stages on this CPU with tiny-sd3 and tiny settings (no
-# wheels, no nvidia-smi): how the stages are checked before a GPU call.
+# wheels, no nvidia-smi): how the stages are checked before a GPU call. `recipe` runs there on
+# `sd3.5`'s loader pointed at the tiny prior at its 64 px (tiny-sd3 takes no `resolution`, which
+# the recipe sets), every other recipe option as on the GPU. PY=.venv/bin/python picks the venv.
 set -euo pipefail
 stage=${1:?usage: gpu-session.sh wheels|all|speed|counts|memory|fidelity|options|recipe|flux}
 OUT=${OUT:-runs/bench-gpu}
 mkdir -p "$OUT"
 if [ "$stage" = wheels ]; then
-  grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
+  exclude=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree: ask git where
+  mkdir -p "$(dirname "$exclude")"
+  grep -qsx '/.whl/' "$exclude" || echo /.whl/ >> "$exclude"
   rm -rf .whl && mkdir .whl
   plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
@@ -51,7 +57,10 @@ if [ "${GPU_SESSION_CPU_TEST:-0}" = 1 ]; then
   PY=${PY:-python3}
   POLICY=(--policy tiny-sd3)
   SIZE=(--prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
-  SPEED=(--rounds 3 --min-rounds 2 --warmup 1 --max-minutes 1)
+  SPEED=(--rounds 3 --min-rounds 2 --warmup 1 --max-minutes 1 --scoring-rounds 0)  # as on the GPU: no scoring section
+  FIDELITY=(--steps 2 "${SIZE[@]}")
+  RECIPE_POLICY=(--policy sd3.5 --policy-opt path=plugins/policies/tiny_sd3 --policy-opt resolution=64
+                 --policy-opt max_sequence_length=1)
   MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 2 --sample-steps 1)
   FLUX_POLICY=("${POLICY[@]}")  # flux-arch needs a GPU: the CPU check runs the stage's commands on tiny-sd3
   FLUX_SIZE=("${SIZE[@]}")
@@ -62,6 +71,8 @@ else
   POLICY=(--policy sd3.5-arch)
   SIZE=()
   SPEED=(--max-minutes 3 --warmup 1)
+  FIDELITY=()
+  RECIPE_POLICY=("${POLICY[@]}")
   MEMORY=(--steps 1 --prompts-per-step 2 --images-per-prompt 4 --timesteps-per-image 2 --sample-steps 10)
   FLUX_POLICY=(--policy flux-arch --policy-opt max_sequence_length=128)
   FLUX_SIZE=(--prompts-per-step 2 --images-per-prompt 2 --timesteps-per-image 1 --sample-steps 6)
@@ -98,23 +109,24 @@ case "$stage" in
   speed) speed_stage ;;
   counts) counts_stage ;;
   memory) memory_stage ;;
-  fidelity) run_stage fidelity 450 "${MARBLE[@]}" bench fidelity "${POLICY[@]}" --fp32-reference --out "$OUT" ;;
+  fidelity) run_stage fidelity 450 "${MARBLE[@]}" bench fidelity "${POLICY[@]}" "${FIDELITY[@]}" --fp32-reference \
+    --out "$OUT" ;;
   options)
     mkdir -p "$OUT/auto" "$OUT/compile"
     run_stage speed-auto 200 "${MARBLE[@]}" bench speed "${POLICY[@]}" "${SIZE[@]}" --max-minutes 2 \
-      --variants single,marble-affine,marble-rows,marble-affine-stacked \
+      --scoring-rounds 0 --variants single,marble-affine,marble-rows,marble-affine-stacked \
       --policy-opt 'gradient_checkpointing="auto"' --out "$OUT/auto"
     run_stage speed-compile 200 "${MARBLE[@]}" bench speed "${POLICY[@]}" "${SIZE[@]}" --max-minutes 1.5 \
-      --variants single,marble-affine,marble-rows --policy-opt compile=true --out "$OUT/compile" ;;
+      --scoring-rounds 0 --variants single,marble-affine,marble-rows --policy-opt compile=true --out "$OUT/compile" ;;
   # The paper's recipe on SD3.5 Medium's architecture (random weights): every recipe option, the
   # sampler-grid timesteps, the weight EMA, a 40-step held-out evaluation and the best checkpoint,
   # 2 steps of a small batch; offline rewards (the recipe's need weights) on the recipe's prompts.
   recipe)
-    run_stage recipe 480 "${MARBLE[@]}" train --config sd35-marble "${POLICY[@]}" --rewards brightness,sharpness \
-      --steps 2 --set prompts_per_step=3 --set images_per_prompt=2 --set timesteps_per_image=4 \
+    run_stage recipe 480 "${MARBLE[@]}" train --config sd35-marble "${RECIPE_POLICY[@]}" \
+      --rewards brightness,sharpness --steps 2 --set prompts_per_step=3 --set images_per_prompt=2 --set timesteps_per_image=4 \
       --set eval_every=1 --set eval_max_prompts=3 --set checkpoint_every=1 --set sample_every=0 \
       --no-progress --out "$OUT/recipe"
-    cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
+    [ ! -f "$OUT/recipe/metrics.jsonl" ] || cp "$OUT/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" ;;
   flux)
     mkdir -p "$OUT/flux"
     run_stage flux-speed 250 "${MARBLE[@]}" bench speed "${FLUX_POLICY[@]}" "${FLUX_SIZE[@]}" "${SPEED[@]}" \
