@@ -45,6 +45,23 @@ def test_plugins_json_lists_builtins():
     assert "reward" in kinds
     assert all({"kind", "name", "provider", "description"} <= set(row) for row in rows)
     assert any(row["name"] == "brightness" and row["provider"] == "marble-kit" for row in rows)
+    policies = {row["name"]: row for row in rows if row["kind"] == "policy"}
+    assert {"tiny-sd3", "sd3.5", "sd3.5-arch", "flux", "flux-arch"} <= set(policies)
+    assert policies["flux"]["provider"] == "marble-kit" and "MARBLE_FLUX_PATH" in policies["flux"]["description"]
+
+
+def test_train_flux_without_weights_is_one_line_naming_the_file_option_and_variable(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("MARBLE_FLUX_PATH", str(tmp_path / "nowhere"))
+    result = runner.invoke(app, ["train", "--policy", "flux", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert all(part in result.stderr for part in ("model_index.json", "--policy-opt path=DIR", "MARBLE_FLUX_PATH"))
+    monkeypatch.delenv("MARBLE_FLUX_PATH")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = runner.invoke(app, ["train", "--policy", "flux", "--steps", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not available locally" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_plugins_table():
