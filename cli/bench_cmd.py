@@ -154,6 +154,9 @@ def _machine_line(report: dict) -> str:
 
 
 def _print_targets(targets: list[dict], label: str = "target") -> None:
+    if not targets:
+        console.print("targets: none of them compares only the variants measured here", highlight=False)
+        return
     table = Table(title="Targets")
     intervals = any(target.get("interval") for target in targets)
     for column in (label, "measured", *(["95 % interval"] if intervals else []), "met"):

@@ -64,6 +64,20 @@ def test_ratios_are_single_reward_time_over_variant_time():
     assert exact_vs_affine["value"] == pytest.approx(1.89 / 1.14) and not exact_vs_affine["met"]
 
 
+def test_a_subset_of_the_variants_checks_the_targets_it_can():
+    """--variants single,marble-affine,marble-rows: the rows-vs-affine target (per round, with its
+    interval) and the two whole-step ones of these variants; none that needs periodic or exact."""
+    seconds = {"single": 1.0, "marble-affine": 1.25, "marble-rows": 1.1}
+    samples = _samples(seconds)
+    targets = {t["target"]: t for t in check_targets(summarize(samples), samples)}
+    assert sorted(targets) == ["(c) affine whole step ≥ 0.80× single",
+                               "(e) rows 0.25 every step, whole step ≥ 0.90× single",
+                               "(e) rows 0.25 gradient step ≤ 0.6× affine's (1 + 2·0.25 passes)"]
+    rows_vs_affine = targets["(e) rows 0.25 gradient step ≤ 0.6× affine's (1 + 2·0.25 passes)"]
+    assert rows_vs_affine["value"] == pytest.approx(0.495 / 0.57) and rows_vs_affine["interval"] is not None
+    assert check_targets(summarize(_samples({"single": 1.0, "weighted-sum": 1.0}))) == []
+
+
 def test_round_orders_are_seeded_shuffles():
     names = [v.name for v in VARIANTS]
     orders = [round_order(names, i) for i in range(20)]
