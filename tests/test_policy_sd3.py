@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from policy_checks import assert_checkpointing_keeps_gradients, perturb
@@ -198,6 +200,11 @@ def test_adapter_round_trips_through_diffusers_load_lora_weights(tmp_path, batch
     file = policy.save_adapter(tmp_path)
     assert file.is_file() and file.suffix == ".safetensors"
     expected = policy.velocity(x_t, t, cond).detach()
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as saved:  # a sorted list: the same bytes in every process
+        modules = json.loads(saved.metadata()["lora_adapter_metadata"])["transformer.target_modules"]
+    assert modules == sorted(modules) and len(modules) == 8
 
     pipeline = sd3.load_sd3_pipeline(sd3.TINY_PRIOR_DIR)
     pipeline.load_lora_weights(str(tmp_path))

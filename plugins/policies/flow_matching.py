@@ -635,9 +635,14 @@ class FlowMatchingPolicy(abc.ABC):
 
     def save_adapter(self, directory: str | Path, which: str = "trainable") -> Path:
         """LoRA safetensors that the pipeline class's ``load_lora_weights`` accepts."""
+        metadata = self.lora_config.to_dict()
+        # peft keeps target_modules as a set, whose order changes with the process's hash seed:
+        # sorted, the same adapter is the same bytes in every process.
+        if isinstance(metadata.get("target_modules"), (set, frozenset)):
+            metadata["target_modules"] = sorted(metadata["target_modules"])
         self.pipeline_class.save_lora_weights(
             str(directory), transformer_lora_layers=self.lora_state_dict(which),
-            transformer_lora_adapter_metadata=self.lora_config.to_dict())
+            transformer_lora_adapter_metadata=metadata)
         return Path(directory) / "pytorch_lora_weights.safetensors"
 
     def load_adapter(self, path: str | Path) -> None:
