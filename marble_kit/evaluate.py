@@ -343,6 +343,13 @@ class TrainingEvaluation:
                                    config.eval_max_prompts, EVAL_SEED, eval_sample_steps(config))
         if not self.plan.prompts:
             raise MarbleError("eval_prompts hold no prompt; pass prompt sets with prompts")
+        judged = self.plan.mask.any(dim=1)
+        blind = [name for k, name in enumerate(self.names) if name in config.rewards and not judged[k]]
+        if blind:  # the composite needs every trained reward: it would never exist, nor a best checkpoint
+            raise MarbleError(
+                f"eval_prompts: trained reward {blind[0]!r} judges none of the {len(self.plan.pairs)} held-out "
+                f"prompts, so the evaluation could never score the run; add a held-out set it judges (tagged "
+                f"{blind[0]}, or untagged) or raise eval_max_prompts (now {config.eval_max_prompts})")
         self.base: torch.Tensor | None = None       # [K, N] scores of step 0
         self.base_grid: torch.Tensor | None = None  # uint8 [G, 3, H, W]: the grid's base row
         self.best_step: int | None = None

@@ -110,6 +110,22 @@ def test_an_evaluation_without_composite_picks_no_best_checkpoint_and_says_why(t
     assert report["composite"] is None and report["unscored"] == ["shape"]
 
 
+def test_held_out_prompts_that_a_trained_reward_never_judges_are_refused_up_front(tmp_path, probe):
+    """eval_prompts tagged for color only while shape and centering train: no evaluation could
+    ever have a composite, so the run is refused before it starts, in one line naming the reward;
+    the same as `marble train` does, without a traceback. Eval-only rewards may judge nothing."""
+    from marble_kit.errors import MarbleError
+
+    with pytest.raises(MarbleError, match=r"trained reward 'shape' judges none of the 2 held-out prompts"):
+        _evaluation(tmp_path, eval_prompts=["world_eval:color"])
+    _evaluation(tmp_path, eval_prompts=["world_eval:color+shape+centering"])  # probe judges nothing: fine
+    result = marble("train", "--steps", "1", "--set", "prompts_per_step=2", "--set", "images_per_prompt=2",
+                    "--set", "sample_steps=1", "--set", "eval_every=1", "--set", 'eval_prompts=["world_eval:color"]',
+                    "--no-progress", "--out", tmp_path / "cli")
+    assert result.exit_code != 0 and "trained reward 'shape' judges none" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cli" / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------ scored as in training
 
 def test_the_evaluation_scores_in_the_trainers_reward_threads(tmp_path, probe):
