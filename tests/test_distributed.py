@@ -813,25 +813,32 @@ def test_zero_sharded_optimizer_matches_one_process_and_checkpoints_the_whole_st
         assert (actual - expected).norm() <= 1e-2 * expected.norm(), key
 
 
+def _two_processes_against_one(tmp_path: Path, monkeypatch, steps: int, **extra) -> list[dict]:
+    """Train ``steps`` steps on 2 gloo ranks and in this process with the same settings; assert
+    the ranks agree, the metrics and weights equal one process's; return rank 0's history."""
+    reference, initial, reference_weights = _single_process_reference(tmp_path, steps, monkeypatch, **extra)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path, **extra)),
+                        "--out", str(tmp_path / "run"), "--steps", str(steps), "--no-progress"],
+                       env={DUMP_ENV: str(dump)})
+    assert done.returncode == 0, output(done)
+    dumps = _dumps(dump)
+    _assert_ranks_agree(dumps)
+    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
+        _assert_same_metrics(actual, expected, f"step {step}")
+    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+    return dumps[0]["history"]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_a_sampled_gram(tmp_path, probe_registered, monkeypatch):
     """gram_rows < 1 on 2 gloo ranks equals one process: the sample is drawn for the global
     batch, and the fused gradient's sampled part (from the reduced per-reward gradients and
     anchor, SPEC §1.6) and its other rows' backward (reduced over ranks) add up as in one."""
-    sampled = {"gram": "affine", "gram_rows": 0.5, "timesteps_per_image": 2, "kl": 1e-2,
-               "checkpoint_every": 0, "sample_every": 0}
-    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch, **sampled)
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path, **sampled)),
-                        "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress"], env={DUMP_ENV: str(dump)})
-    assert done.returncode == 0, output(done)
-    dumps = _dumps(dump)
-    _assert_ranks_agree(dumps)
-    assert [m["backward_passes"] for m in dumps[0]["history"]] == [pytest.approx(2.0)] * 2  # 1 + 2·0.5
-    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
-        _assert_same_metrics(actual, expected, f"step {step}")
-    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+    history = _two_processes_against_one(tmp_path, monkeypatch, 2, gram="affine", gram_rows=0.5,
+                                         timesteps_per_image=2, kl=1e-2, checkpoint_every=0, sample_every=0)
+    assert [m["backward_passes"] for m in history] == [pytest.approx(2.0)] * 2  # 1 + 2·0.5
 
 
 @pytest.mark.slow
@@ -840,20 +847,10 @@ def test_two_flux_processes_match_one_process(tmp_path, tiny_flux_dir, probe_reg
     of the distributed step is SD3's (affine Gram every step, groups split across the ranks)."""
     from tiny_flux import TINY_FLUX_OPTIONS
 
-    flux = {"policy": "flux", "policy_options": {"path": str(tiny_flux_dir), **TINY_FLUX_OPTIONS},
-            "gram": "affine", "sample_steps": 2, "checkpoint_every": 0, "sample_every": 0}
-    reference, initial, reference_weights = _single_process_reference(tmp_path, 2, monkeypatch, **flux)
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    done, _ = torchrun(["cli", "train", "--config", str(_config_file(tmp_path, **flux)),
-                        "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress"], env={DUMP_ENV: str(dump)})
-    assert done.returncode == 0, output(done)
-    dumps = _dumps(dump)
-    _assert_ranks_agree(dumps)
-    assert [m["gram_mode"] for m in dumps[0]["history"]] == ["affine", "affine"]
-    for step, (actual, expected) in enumerate(zip(dumps[0]["history"], reference), start=1):
-        _assert_same_metrics(actual, expected, f"step {step}")
-    _assert_close_weights(dumps[0]["policy"], reference_weights, initial)
+    history = _two_processes_against_one(
+        tmp_path, monkeypatch, 2, policy="flux", policy_options={"path": str(tiny_flux_dir), **TINY_FLUX_OPTIONS},
+        gram="affine", sample_steps=2, checkpoint_every=0, sample_every=0)
+    assert [m["gram_mode"] for m in history] == ["affine", "affine"]
 
 
 if __name__ == "__main__":
