@@ -504,9 +504,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
     def evaluation_failed(exc: RewardFailure, step: int) -> MarbleError:
         """A reward failed in the evaluation of ``step``: the step itself is complete, so its
-        checkpoint is written (one process) and a resume runs the evaluation first."""
-        if dist.active:
-            raise exc
+        checkpoint is written (one process: the callers re-raise on several) and a resume runs
+        the evaluation first."""
         checkpoint()
         return MarbleError(f"{exc}; in the held-out evaluation of step {step}: the run stopped after step {step} "
                            f"(checkpoint saved): once the reward works again, `marble train --resume {run_dir}` "

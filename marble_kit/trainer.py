@@ -744,8 +744,8 @@ class Trainer:
             if sampled:  # the sampled rows' part from their gradients, one pass over the others
                 self._fused_from_sample(batch, gram_batch, weights, grads, anchor)
             else:  # the fused gradient is Σ w_k g_k of the same two passes: no third backward
-                keep = active.to(grads.device)
-                fused = weights.to(grads)[keep] @ grads[keep]
+                keep = active.cpu()  # (a host mask indexes without a device read)
+                fused = weights[keep].to(grads) @ grads[keep]
                 gram_ops.write_flat_grad(self.params, fused + anchor, copy=False)
             metrics.update(self._gradient_diagnostics(gram, weights, active))
         else:
