@@ -442,13 +442,22 @@ def memory(
         print_json(report)
         return
     table = Table(title=f"Peak memory — {_machine_line(report)}")
-    for column in ("variant", report["rows"][0]["kind"] + " MiB", "× single",
-                   "gradient phase MiB", "× single"):
-        table.add_column(column, justify="right")
+    first = report["rows"][0]
+    prefixes = ("", "rss_") if "rss_peak_mb" in first else ("",)  # (the CPU: tensors, then RSS)
+    table.add_column("variant", justify="right")
+    for prefix in prefixes:
+        name = "RSS " if prefix else ""
+        for column in (f"{name}peak MiB", "× single", f"{name}gradient phase MiB", "× single"):
+            table.add_column(column, justify="right")
     for row in report["rows"]:
-        table.add_row(row["label"], f"{row['peak_mb']:.0f}", f"{row['vs_single']:.2f}×",
-                      f"{row['gradient_peak_mb']:.0f}", f"{row['gradient_vs_single']:.2f}×")
-    table.caption = f"gradient phase: {report['rows'][0]['gradient_kind']}"
+        cells = [row["label"]]
+        for prefix in prefixes:
+            cells += [f"{row[f'{prefix}peak_mb']:.0f}", f"{row[f'{prefix}vs_single']:.2f}×",
+                      f"{row[f'{prefix}gradient_peak_mb']:.0f}", f"{row[f'{prefix}gradient_vs_single']:.2f}×"]
+        table.add_row(*cells)
+    table.caption = f"peak: {first['kind']}; gradient phase: {first['gradient_kind']}" + (
+        f"; RSS: {first['rss_kind']} in a second process without the profiler (not deterministic: "
+        "the targets use the first figure)" if len(prefixes) > 1 else "")
     console.print(table)
     _print_targets(report["targets"])
     console.print(f"wrote {json_path}", highlight=False)

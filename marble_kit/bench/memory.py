@@ -6,16 +6,22 @@ training steps, and the probe records
 
 * on a GPU: the peak CUDA memory allocated over the steps (``torch.cuda.max_memory_allocated``,
   reset after the build) — the figure that decides whether a batch fits;
-* on the CPU: the growth of the process's peak RSS over the steps (VmHWM, reset after the build,
-  minus the RSS right after the build) — what training adds on top of the loaded model. Per-step
-  figures would mislead on the CPU: memory freed by one step stays in the process for the next.
+* on the CPU, the same quantity: the peak of the bytes held by tensors over the steps, minus
+  what they held right after the build, from ``torch.profiler``'s allocation events (every
+  allocation and free of the CPU allocator, in order; deterministic on one thread, so two runs
+  give the same figure). The targets are checked on it. Beside it, from a second fresh process
+  without the profiler, the growth of the process's peak RSS (VmHWM, reset after the build,
+  minus the RSS right after it): what the process really asked of the machine, allocator
+  caching and fragmentation included — it moves by ±0.15× between runs, so it is reported, not
+  checked.
 
 and, separately, the peak of the **gradient phase** alone (per-reward gradients, Gram, balancer,
 fused gradient, optimizer step; the trainer's ``gradient_step`` clock marks): on a GPU the peak
 allocated between the marks (``max_memory_allocated`` reset at the start mark, read at the end),
-on the CPU the peak RSS between them minus the RSS at the start mark — what the phase adds to
-what is resident when it starts (memory the allocator kept from the rollout can hide part of it).
-The whole step's peak is the largest of the peaks before, inside and after the phase.
+on the CPU the peak of the tensor bytes between the marks minus what tensors held at the start
+mark (and the RSS figure: the peak RSS between them minus the RSS at the start mark; memory the
+allocator kept from the rollout can hide part of it). The whole step's peak is the largest of
+the peaks before, inside and after the phase.
 
 The default is the CPU proxy of the `affine` memory issue: tiny-sd3 with gradient
 checkpointing, P 8 × G 8 × 4 timesteps (256 training rows), K = 5.
@@ -23,6 +29,8 @@ checkpointing, P 8 × G 8 × 4 timesteps (256 training rows), K = 5.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
@@ -132,11 +140,85 @@ class PhasePeaks:
         return max(self.outside, self._peak())
 
 
-def probe(config: TrainConfig, threads: int) -> dict[str, Any]:
-    """In this process: build the trainer, train ``config.steps`` steps, return the peaks."""
+class TensorPhases:
+    """The trainer's ``phase_hook`` for the CPU tensor-memory probe: a profiler range around
+    every gradient phase, so that the allocation events can be split at its marks."""
+
+    RANGE = "marble::gradient_step"
+
+    def __init__(self) -> None:
+        self._range = None
+
+    def __call__(self, boundary: str) -> None:
+        if boundary == "gradient_step:start" and self._range is None:
+            self._range = torch.profiler.record_function(self.RANGE)
+            self._range.__enter__()
+        elif boundary == "gradient_step:end" and self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+
+def tensor_peaks(allocations: list[tuple[int, int]], start: int, phases: list[tuple[int, int]]
+                 ) -> tuple[float, float]:
+    """(whole, gradient phase) peaks in bytes from allocation events (time, ±bytes) in any order:
+    the whole peak is the highest total of the bytes held after ``start`` minus the total at
+    ``start``; a phase's is the highest total inside [begin, end] minus the total at its begin
+    (the largest over ``phases``). Neither is below zero."""
+    events = sorted(allocations)
+    times = [t for t, _ in events]
+    totals = list(itertools.accumulate(n for _, n in events))
+
+    def held_before(t: int) -> int:
+        i = bisect.bisect_left(times, t)
+        return totals[i - 1] if i else 0
+
+    def peak(begin: int, end: int | None) -> int:
+        base = held_before(begin)
+        inside = totals[bisect.bisect_left(times, begin):
+                        len(times) if end is None else bisect.bisect_right(times, end)]
+        return max([0, *(total - base for total in inside)])
+
+    gradient = max([0, *(peak(begin, end) for begin, end in phases)])
+    return float(peak(start, None)), float(gradient)
+
+
+def profiled_tensor_peaks(build: Callable[[], Any], run: Callable[[Any], None]) -> tuple[float, float, Any]:
+    """(whole, gradient phase) tensor-memory peaks in MiB of ``run(build())`` on the CPU, growth
+    over what tensors held when ``build`` returned; the profiler records the build too, so that
+    the frees of what it allocated are seen. ``run`` gets what ``build`` returned and must call
+    its phase hook (a :class:`TensorPhases`, ``built.phase_hook``) at the gradient phase's marks;
+    the third value is what ``build`` returned."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        with torch.profiler.record_function("marble::build"):
+            built = build()
+        built.phase_hook = TensorPhases()
+        run(built)
+    events = profiler.profiler.kineto_results.events()
+    cpu = torch.autograd.DeviceType.CPU
+    allocations = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu]
+    start = max(e.end_ns() for e in events if e.name() == "marble::build")
+    phases = [(e.start_ns(), e.end_ns()) for e in events if e.name() == TensorPhases.RANGE]
+    whole, gradient = tensor_peaks(allocations, start, phases)
+    return whole / 2**20, gradient / 2**20, built
+
+
+def probe(config: TrainConfig, threads: int, figure: str = "rss") -> dict[str, Any]:
+    """In this process: build the trainer, train ``config.steps`` steps, return the peaks —
+    CUDA's on a GPU, else the process's RSS (``figure`` "rss") or the tensors' bytes ("tensors")."""
     from marble_kit.trainer import Trainer, build_components
 
     torch.set_num_threads(threads)
+    if figure == "tensors":
+        def steps(trainer: Trainer) -> None:
+            for _ in range(config.steps):
+                trainer.step()
+
+        whole, gradient, trainer = profiled_tensor_peaks(lambda: Trainer(config, build_components(config)), steps)
+        return {"device": str(trainer.policy.device), "peak_mb": whole, "gradient_peak_mb": gradient,
+                "kind": "peak tensor memory growth",
+                "gradient_kind": "peak tensor memory growth within the gradient phase",
+                "fingerprint": policy_fingerprint(trainer.policy)}
     trainer = Trainer(config, build_components(config))
     device = trainer.policy.device
     if device.type == "cuda":
@@ -156,15 +238,33 @@ def probe(config: TrainConfig, threads: int) -> dict[str, Any]:
             "fingerprint": fingerprint}
 
 
-def run_variant(settings: MemorySettings, variant: MemoryVariant) -> dict[str, Any]:
-    """One variant in a fresh interpreter."""
-    payload = json.dumps({"config": settings.config(variant).to_dict(), "threads": settings.threads})
+def _run_probe(settings: MemorySettings, variant: MemoryVariant, figure: str) -> dict[str, Any]:
+    payload = json.dumps({"config": settings.config(variant).to_dict(), "threads": settings.threads,
+                          "figure": figure})
     result = subprocess.run([sys.executable, "-m", "marble_kit.bench.memory"], input=payload,
                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise MarbleError(f"memory bench: variant {variant.name} failed in its process: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_variant(settings: MemorySettings, variant: MemoryVariant) -> dict[str, Any]:
+    """One variant in a fresh interpreter; on the CPU a second one measures the tensors' peak
+    (the figure then reported, the RSS figures beside it as ``rss_*``)."""
+    measured = _run_probe(settings, variant, "rss")
+    if measured["device"] != "cpu":
+        return measured
+    tensors = _run_probe(settings, variant, "tensors")
+    return {**tensors, "rss_kind": measured["kind"], "rss_peak_mb": measured["peak_mb"],
+            "rss_gradient_peak_mb": measured["gradient_peak_mb"]}
+
+
+RSS_KEYS = ("rss_kind", "rss_peak_mb", "rss_gradient_peak_mb")
+
+
+def _ratio(value: float, single: float) -> float:
+    return value / single if single > 0 else float("nan")
 
 
 def run_memory_benchmark(settings: MemorySettings | None = None,
@@ -178,12 +278,15 @@ def run_memory_benchmark(settings: MemorySettings | None = None,
         device, fingerprint = measured["device"], fingerprint or measured.get("fingerprint")
         rows.append({"variant": variant.name, "label": variant.label, "kind": measured["kind"],
                      "peak_mb": measured["peak_mb"], "gradient_kind": measured.get("gradient_kind"),
-                     "gradient_peak_mb": measured.get("gradient_peak_mb", float("nan"))})
-    single, single_gradient = rows[0]["peak_mb"], rows[0]["gradient_peak_mb"]
-    for row in rows:
-        row["vs_single"] = row["peak_mb"] / single if single > 0 else float("nan")
-        row["gradient_vs_single"] = (row["gradient_peak_mb"] / single_gradient if single_gradient > 0
-                                     else float("nan"))
+                     "gradient_peak_mb": measured.get("gradient_peak_mb", float("nan")),
+                     **{key: measured[key] for key in RSS_KEYS if key in measured}})
+    for prefix in ("", "rss_"):
+        if f"{prefix}peak_mb" not in rows[0]:
+            continue
+        single, single_gradient = rows[0][f"{prefix}peak_mb"], rows[0][f"{prefix}gradient_peak_mb"]
+        for row in rows:
+            row[f"{prefix}vs_single"] = _ratio(row[f"{prefix}peak_mb"], single)
+            row[f"{prefix}gradient_vs_single"] = _ratio(row[f"{prefix}gradient_peak_mb"], single_gradient)
     limit = 1.2 if device.startswith("cuda") else 1.25
     affine = next(r for r in rows if r["variant"] == "marble-affine")
     targets = [{"target": f"(c) affine peak memory ≤ {limit}× single", "value": affine["vs_single"],
@@ -199,7 +302,7 @@ def main() -> None:
     """Child process: read {config, threads} on stdin, print the probe's JSON."""
     request = json.loads(sys.stdin.read())
     config = TrainConfig.from_dict(request["config"])
-    print(json.dumps(probe(config, request["threads"])))
+    print(json.dumps(probe(config, request["threads"], request.get("figure", "rss"))))
 
 
 if __name__ == "__main__":
