@@ -101,6 +101,30 @@ def policy_fingerprint(policy, max_parameters: int = 50_000_000) -> str | None:
 
 
 # ---------------------------------------------------------------- memory
+GRADIENT_STEP_RANGE = "marble::gradient_step"
+
+
+class GradientStepRange:
+    """A trainer's ``phase_hook`` that puts a profiler range (:data:`GRADIENT_STEP_RANGE`) around
+    every gradient phase, between the ``gradient_step`` clock marks; :meth:`close` ends one left
+    open (a step that raised)."""
+
+    def __init__(self) -> None:
+        self._range: Any = None
+
+    def __call__(self, boundary: str) -> None:
+        if boundary == "gradient_step:start" and self._range is None:
+            self._range = torch.profiler.record_function(GRADIENT_STEP_RANGE)
+            self._range.__enter__()
+        elif boundary == "gradient_step:end":
+            self.close()
+
+    def close(self) -> None:
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: CUDA allocator statistics, or the process's peak RSS on Linux."""
     if device.type == "cuda":

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import machine_description, policy_fingerprint
+from marble_kit.bench.common import GRADIENT_STEP_RANGE, GradientStepRange, machine_description, policy_fingerprint
 from marble_kit.bench.speed import VARIANTS, SpeedSettings, build_trainers
 from marble_kit.errors import MarbleError
 from marble_kit.gram import LoraCapture
@@ -51,7 +51,7 @@ PHASES = ("rollout", "rewards", "fold", "gradient step", "forward", "backward", 
           "exact backward", "balance", "optimizer", "other")
 PASS_PHASES = ("forward", "backward", "capture backward", "exact backward")
 _RANGES = {"marble::rollout": "rollout", "marble::rewards": "rewards", "marble::fold": "fold",
-           "marble::gradient_step": "gradient step", "marble::forward": "forward",
+           GRADIENT_STEP_RANGE: "gradient step", "marble::forward": "forward",
            "marble::backward": "backward", "marble::capture_backward": "capture backward",
            "marble::exact_backward": "exact backward", "marble::balance": "balance",
            "marble::optimizer": "optimizer"}
@@ -95,7 +95,7 @@ class PhaseLabels:
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
-        self._gradient: Any = None
+        self._gradient = GradientStepRange()
         self._handles: list = []
         self._patched: list[tuple[Any, str, Any]] = []
 
@@ -108,7 +108,7 @@ class PhaseLabels:
                                        (trainer.optimizer, "step", "marble::optimizer")):
             self._patched.append((owner, attribute, owner.__dict__.get(attribute, _MISSING)))
             setattr(owner, attribute, _traced(getattr(owner, attribute), name))
-        trainer.phase_hook = self._on_boundary
+        trainer.phase_hook = self._gradient
         blocks = _blocks(trainer.policy.trainable_module())
         self._handles = [block.register_forward_pre_hook(self._on_block, with_kwargs=True) for block in blocks]
         return self
@@ -123,17 +123,7 @@ class PhaseLabels:
         for handle in self._handles:
             handle.remove()
         self.trainer.phase_hook = None
-        if self._gradient is not None:
-            self._gradient.__exit__(None, None, None)
-            self._gradient = None
-
-    def _on_boundary(self, boundary: str) -> None:
-        if boundary == "gradient_step:start":
-            self._gradient = torch.profiler.record_function("marble::gradient_step")
-            self._gradient.__enter__()
-        elif boundary == "gradient_step:end" and self._gradient is not None:
-            self._gradient.__exit__(None, None, None)
-            self._gradient = None
+        self._gradient.close()
 
     def _on_block(self, module, args, kwargs) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)

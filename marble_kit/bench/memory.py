@@ -42,7 +42,14 @@ from typing import Any
 
 import torch
 
-from marble_kit.bench.common import PROC_STATUS, machine_description, policy_fingerprint, reset_peak_memory
+from marble_kit.bench.common import (
+    GRADIENT_STEP_RANGE,
+    PROC_STATUS,
+    GradientStepRange,
+    machine_description,
+    policy_fingerprint,
+    reset_peak_memory,
+)
 from marble_kit.bench.speed import K5_REWARDS, SPEED_PROMPTS
 from marble_kit.config import TrainConfig
 from marble_kit.errors import MarbleError
@@ -140,24 +147,6 @@ class PhasePeaks:
         return max(self.outside, self._peak())
 
 
-class TensorPhases:
-    """The trainer's ``phase_hook`` for the CPU tensor-memory probe: a profiler range around
-    every gradient phase, so that the allocation events can be split at its marks."""
-
-    RANGE = "marble::gradient_step"
-
-    def __init__(self) -> None:
-        self._range = None
-
-    def __call__(self, boundary: str) -> None:
-        if boundary == "gradient_step:start" and self._range is None:
-            self._range = torch.profiler.record_function(self.RANGE)
-            self._range.__enter__()
-        elif boundary == "gradient_step:end" and self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
-
-
 def tensor_peaks(allocations: list[tuple[int, int]], start: int, phases: list[tuple[int, int]]
                  ) -> tuple[float, float]:
     """(whole, gradient phase) peaks in bytes from allocation events (time, ±bytes) in any order:
@@ -186,19 +175,19 @@ def profiled_tensor_peaks(build: Callable[[], Any], run: Callable[[Any], None]) 
     """(whole, gradient phase) tensor-memory peaks in MiB of ``run(build())`` on the CPU, growth
     over what tensors held when ``build`` returned; the profiler records the build too, so that
     the frees of what it allocated are seen. ``run`` gets what ``build`` returned and must call
-    its phase hook (a :class:`TensorPhases`, ``built.phase_hook``) at the gradient phase's marks;
+    its phase hook (``built.phase_hook``, set here) at the gradient phase's marks;
     the third value is what ``build`` returned."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
         with torch.profiler.record_function("marble::build"):
             built = build()
-        built.phase_hook = TensorPhases()
+        built.phase_hook = GradientStepRange()
         run(built)
     events = profiler.profiler.kineto_results.events()
     cpu = torch.autograd.DeviceType.CPU
     allocations = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu]
     start = max(e.end_ns() for e in events if e.name() == "marble::build")
-    phases = [(e.start_ns(), e.end_ns()) for e in events if e.name() == TensorPhases.RANGE]
+    phases = [(e.start_ns(), e.end_ns()) for e in events if e.name() == GRADIENT_STEP_RANGE]
     whole, gradient = tensor_peaks(allocations, start, phases)
     return whole / 2**20, gradient / 2**20, built
 
@@ -299,7 +288,7 @@ def run_memory_benchmark(settings: MemorySettings | None = None,
 
 
 def main() -> None:
-    """Child process: read {config, threads} on stdin, print the probe's JSON."""
+    """Child process: read {config, threads, figure} on stdin, print the probe's JSON."""
     request = json.loads(sys.stdin.read())
     config = TrainConfig.from_dict(request["config"])
     print(json.dumps(probe(config, request["threads"], request.get("figure", "rss"))))
