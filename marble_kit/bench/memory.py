@@ -197,13 +197,13 @@ def probe(config: TrainConfig, threads: int, figure: str = "rss") -> dict[str, A
     CUDA's on a GPU, else the process's RSS (``figure`` "rss") or the tensors' bytes ("tensors")."""
     from marble_kit.trainer import Trainer, build_components
 
+    def train(trainer: Trainer) -> None:
+        for _ in range(config.steps):
+            trainer.step()
+
     torch.set_num_threads(threads)
     if figure == "tensors":
-        def steps(trainer: Trainer) -> None:
-            for _ in range(config.steps):
-                trainer.step()
-
-        whole, gradient, trainer = profiled_tensor_peaks(lambda: Trainer(config, build_components(config)), steps)
+        whole, gradient, trainer = profiled_tensor_peaks(lambda: Trainer(config, build_components(config)), train)
         return {"device": str(trainer.policy.device), "peak_mb": whole, "gradient_peak_mb": gradient,
                 "kind": "peak tensor memory growth",
                 "gradient_kind": "peak tensor memory growth within the gradient phase",
@@ -215,8 +215,7 @@ def probe(config: TrainConfig, threads: int, figure: str = "rss") -> dict[str, A
     start = _rss_mb("VmRSS")
     peaks = trainer.phase_hook = PhasePeaks(device)
     reset_peak_memory(device)
-    for _ in range(config.steps):
-        trainer.step()
+    train(trainer)
     fingerprint = policy_fingerprint(trainer.policy)
     if device.type == "cuda":
         return {"device": str(device), "peak_mb": peaks.whole(), "gradient_peak_mb": peaks.gradient,
@@ -249,9 +248,6 @@ def run_variant(settings: MemorySettings, variant: MemoryVariant) -> dict[str, A
             "rss_gradient_peak_mb": measured["gradient_peak_mb"]}
 
 
-RSS_KEYS = ("rss_kind", "rss_peak_mb", "rss_gradient_peak_mb")
-
-
 def _ratio(value: float, single: float) -> float:
     return value / single if single > 0 else float("nan")
 
@@ -268,7 +264,7 @@ def run_memory_benchmark(settings: MemorySettings | None = None,
         rows.append({"variant": variant.name, "label": variant.label, "kind": measured["kind"],
                      "peak_mb": measured["peak_mb"], "gradient_kind": measured.get("gradient_kind"),
                      "gradient_peak_mb": measured.get("gradient_peak_mb", float("nan")),
-                     **{key: measured[key] for key in RSS_KEYS if key in measured}})
+                     **{key: value for key, value in measured.items() if key.startswith("rss_")}})
     for prefix in ("", "rss_"):
         if f"{prefix}peak_mb" not in rows[0]:
             continue
